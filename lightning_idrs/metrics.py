@@ -1,0 +1,380 @@
+"""Certified-accuracy statistics for randomized smoothing results (Cohen et al. 2019, Sukenik et al. 2022).
+
+Definitions (see the design notes, section 1): a test point is *certified at radius R* when the
+smoothed prediction is correct (it did not abstain) and its certified radius is >= R. The certified
+accuracy at R is the fraction of all test points certified at R (abstained and wrong points count
+in the denominator, never in the numerator). The average certified radius (ACR) is the mean over
+all points of ``radius * correct``.
+
+Everything here is plain NumPy and vectorised over points. :class:`CertifiedAccuracy` wraps the
+same statistics in a torchmetrics ``Metric`` whose per-point states are gathered with
+``dist_reduce_fx="cat"`` under DDP; torch and torchmetrics are imported only when it is used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "abstain_rate",
+    "average_certified_radius",
+    "certified_accuracy",
+    "certified_counts",
+    "class_certified_accuracy",
+    "class_certified_accuracy_matrix",
+    "default_radius_grid",
+    "radius_key",
+    "summarize",
+    "CertifiedAccuracy",
+]
+
+ABSTAIN = -1
+
+
+# --------------------------------------------------------------------------------------------
+# input checking
+# --------------------------------------------------------------------------------------------
+def _as_1d(name: str, x, dtype=None) -> np.ndarray:
+    arr = np.asarray(x, dtype=dtype)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _radius(radius) -> np.ndarray:
+    r = _as_1d("radius", radius, dtype=np.float64)
+    if np.isnan(r).any():
+        raise ValueError("radius contains NaN")
+    if (r < 0).any():
+        raise ValueError("radius must be >= 0 (abstained points have radius 0)")
+    return r
+
+
+def _correct(correct) -> np.ndarray:
+    c = _as_1d("correct", correct)
+    if c.dtype == bool:
+        return c
+    cf = c.astype(np.float64)
+    if not np.isin(cf, (0.0, 1.0)).all():
+        raise ValueError("correct must contain only 0/1 (or booleans)")
+    return cf == 1.0
+
+
+def _labels(labels) -> np.ndarray:
+    lab = _as_1d("labels", labels)
+    if lab.size and not np.issubdtype(lab.dtype, np.integer):
+        labf = lab.astype(np.float64)
+        if not np.all(labf == np.round(labf)):
+            raise ValueError("labels must be integers")
+        lab = labf
+    lab = lab.astype(np.int64)
+    if (lab < 0).any():
+        raise ValueError("labels must be >= 0")
+    return lab
+
+
+def _radii(radii) -> np.ndarray:
+    g = _as_1d("radii", radii, dtype=np.float64)
+    if g.size == 0:
+        raise ValueError("the radius grid is empty")
+    if not np.isfinite(g).all():
+        raise ValueError("the radius grid must be finite")
+    return g
+
+
+def _same_length(**arrays: np.ndarray) -> int:
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"per-point arrays have different lengths: {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise ValueError("no points: the statistics of an empty result set are undefined")
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# radius grid
+# --------------------------------------------------------------------------------------------
+def default_radius_grid(max_radius: float = 4.0, step: float = 0.25) -> np.ndarray:
+    """``0, step, 2*step, ..., <= max_radius`` (Cohen et al.'s tables use step 0.25 or 0.5).
+
+    The grid is built as ``k * step`` (not by repeated addition) so that e.g. 0.75 is exactly the
+    float ``0.75`` and ``max_radius`` itself is included when it is a multiple of ``step``.
+    """
+    if not (step > 0 and math.isfinite(step)):
+        raise ValueError(f"step must be a positive finite number, got {step}")
+    if not (max_radius >= 0 and math.isfinite(max_radius)):
+        raise ValueError(f"max_radius must be a finite number >= 0, got {max_radius}")
+    k = int(math.floor(max_radius / step + 1e-9))
+    return np.round(np.arange(k + 1, dtype=np.float64) * step, 12)
+
+
+def radius_key(r: float) -> str:
+    """The key of radius ``r`` in a summary's ``certified_accuracy`` dict (``f"{r:g}"``)."""
+    return f"{float(r):g}"
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+def certified_counts(radius, correct, radii) -> np.ndarray:
+    """Number of points with ``correct == 1`` and ``radius >= R`` for each R in ``radii``."""
+    r = _radius(radius)
+    c = _correct(correct)
+    _same_length(radius=r, correct=c)
+    g = _radii(radii)
+    certified_radii = np.sort(r[c])
+    # count of certified radii >= R  ==  total - (number strictly below R)
+    return len(certified_radii) - np.searchsorted(certified_radii, g, side="left")
+
+
+def certified_accuracy(radius, correct, radii) -> np.ndarray:
+    """Certified accuracy at each radius of ``radii``: ``mean(correct & (radius >= R))``.
+
+    Returns a float array of ``len(radii)``. Nonincreasing in R for a sorted grid. A correct
+    point with radius 0 counts at R = 0 (and at no positive R).
+    """
+    n = len(_as_1d("radius", radius))
+    counts = certified_counts(radius, correct, radii)
+    return counts / float(n)
+
+
+def average_certified_radius(radius, correct) -> float:
+    """ACR: mean over all points of ``radius * correct`` (0 for wrong or abstained points)."""
+    r = _radius(radius)
+    c = _correct(correct)
+    _same_length(radius=r, correct=c)
+    if np.isinf(r[c]).any():
+        return float("inf")
+    return float(np.where(c, r, 0.0).mean())
+
+
+def abstain_rate(predict) -> float:
+    """Fraction of points whose smoothed prediction abstained (``predict == -1``)."""
+    p = _as_1d("predict", predict)
+    if p.size == 0:
+        raise ValueError("no points: the abstain rate of an empty result set is undefined")
+    return float(np.mean(p == ABSTAIN))
+
+
+def class_certified_accuracy_matrix(labels, radius, correct, radii, num_classes: Optional[int] = None):
+    """Per-class certified accuracy as a ``(num_classes, len(radii))`` array plus per-class counts.
+
+    Row ``k`` is the certified accuracy over the points whose TRUE label is ``k``. Classes without
+    points get a row of NaN (and count 0). ``num_classes`` defaults to ``max(labels) + 1``.
+    Returns ``(matrix, counts)``.
+    """
+    lab = _labels(labels)
+    r = _radius(radius)
+    c = _correct(correct)
+    _same_length(labels=lab, radius=r, correct=c)
+    g = _radii(radii)
+    max_label = int(lab.max())
+    if num_classes is None:
+        num_classes = max_label + 1
+    elif max_label >= num_classes:
+        raise ValueError(f"label {max_label} is out of range for num_classes={num_classes}")
+    counts = np.bincount(lab, minlength=num_classes)
+    # O(n + C*G) memory: a certified point with b grid values <= its radius is certified at the
+    # first b values of the sorted grid. Histogram (class, b), then count b > j by a reverse cumsum.
+    order = np.argsort(g, kind="stable")
+    G = len(g)
+    b = np.searchsorted(g[order], r[c], side="right")  # in 0..G
+    hist = np.bincount(lab[c] * (G + 1) + b, minlength=num_classes * (G + 1)).reshape(num_classes, G + 1)
+    tail = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # tail[:, j] = #points with b >= j
+    hits = np.empty((num_classes, G), dtype=np.float64)
+    hits[:, order] = tail[:, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        matrix = hits / counts[:, None]
+    matrix[counts == 0] = np.nan
+    return matrix, counts
+
+
+def class_certified_accuracy(
+    labels, radius, correct, radii, num_classes: Optional[int] = None
+) -> Dict[int, List[float]]:
+    """Per-class certified-accuracy curves ``{class: [acc at R for R in radii]}``.
+
+    Only classes that have at least one point are included (an empty class has no accuracy).
+    """
+    matrix, counts = class_certified_accuracy_matrix(labels, radius, correct, radii, num_classes)
+    return {int(k): [float(v) for v in matrix[k]] for k in np.flatnonzero(counts)}
+
+
+def summarize(
+    labels,
+    predict,
+    radius,
+    correct,
+    sigma,
+    radii,
+    num_classes: Optional[int] = None,
+) -> dict:
+    """All statistics of one certification run as plain JSON-serialisable Python values.
+
+    Keys: ``num_points``, ``certified_accuracy`` (``{radius_key(R): acc}``), ``acr``,
+    ``abstain_rate``, ``clean_accuracy`` (fraction of points predicted correctly by the smoothed
+    classifier), ``mean_sigma``, ``class_certified_accuracy`` (``{str(class): {radius_key(R):
+    acc}}``, classes with at least one point), ``class_num_points`` (``{str(class): count}``) and
+    ``radii`` (the grid as a list). Class keys are strings so that the dict equals its own JSON
+    round trip.
+
+    Raises ValueError on empty input, on mismatched lengths, and on an abstained point marked
+    correct (that is a bug upstream).
+    """
+    lab = _labels(labels)
+    pred = _as_1d("predict", predict)
+    r = _radius(radius)
+    c = _correct(correct)
+    s = _as_1d("sigma", sigma, dtype=np.float64)
+    n = _same_length(labels=lab, predict=pred, radius=r, correct=c, sigma=s)
+    g = _radii(radii)
+    keys = [radius_key(R) for R in g]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the radius grid has values that are equal after formatting with '%g'")
+    if (c & (pred == ABSTAIN)).any():
+        raise ValueError("a point with predict == -1 (abstain) is marked correct")
+
+    curve = certified_accuracy(r, c, g)
+    matrix, counts = class_certified_accuracy_matrix(lab, r, c, g, num_classes)
+    return {
+        "num_points": int(n),
+        "radii": [float(R) for R in g],
+        "certified_accuracy": {k: float(a) for k, a in zip(keys, curve)},
+        "acr": average_certified_radius(r, c),
+        "abstain_rate": abstain_rate(pred),
+        "clean_accuracy": float(c.mean()),
+        "mean_sigma": float(s.mean()),
+        "class_certified_accuracy": {
+            str(int(k)): {key: float(a) for key, a in zip(keys, matrix[k])} for k in np.flatnonzero(counts)
+        },
+        "class_num_points": {str(int(k)): int(counts[k]) for k in np.flatnonzero(counts)},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# torchmetrics
+# --------------------------------------------------------------------------------------------
+def _make_metric_class():
+    import torch
+    from torchmetrics import Metric
+    from torchmetrics.utilities.data import dim_zero_cat
+
+    # state name -> dtype. Radii and sigmas are kept in float64: a float32 radius of 0.7 is
+    # 0.69999999, which would drop the point from the R = 0.7 column.
+    states = {
+        "indices": torch.int64,
+        "labels": torch.int64,
+        "predictions": torch.int64,
+        "correct": torch.int64,
+        "radii": torch.float64,
+        "sigmas": torch.float64,
+    }
+
+    class CertifiedAccuracy(Metric):
+        """Accumulates per-point certification results; ``compute()`` returns :func:`summarize`'s dict.
+
+        Each rank adds its shard with ``update``; states are lists reduced with
+        ``dist_reduce_fx="cat"``, so ``compute()`` sees all points of all ranks. If ``idx`` is given
+        to ``update``, rows with a repeated non-negative idx (e.g. the padding a
+        ``DistributedSampler`` adds to make shards equal) are counted once (first occurrence wins).
+
+        Every list state always holds an empty tensor of its own dtype (see ``reset``) so that a rank
+        that received no data still sends a tensor of the right dtype in the all-gather.
+        """
+
+        is_differentiable = False
+        higher_is_better = True
+        full_state_update = False
+
+        def __init__(self, radii: Sequence[float], num_classes: Optional[int] = None, **kwargs):
+            super().__init__(**kwargs)
+            self.radii_grid = [float(R) for R in _radii(radii)]
+            self.num_classes = num_classes
+            for name in states:
+                self.add_state(name, default=[], dist_reduce_fx="cat")
+            self.reset()
+
+        def reset(self) -> None:
+            super().reset()
+            for name, dtype in states.items():
+                getattr(self, name).append(torch.zeros(0, dtype=dtype, device=self.device))
+
+        def update(self, labels, predictions, radius, sigma, correct=None, idx=None) -> None:
+            """Add a batch of results (1-D tensors / arrays of equal length; may be empty).
+
+            ``correct`` defaults to ``predictions == labels``; ``idx`` is the dataset index of each point.
+            Radii are stored in float64: pass float64 tensors / NumPy arrays / Python floats (a float32
+            tensor has already lost the digits that decide ``radius >= R`` at a grid point).
+            """
+            dev = self.device
+
+            def t(x, dtype):
+                # dtype inside as_tensor: a Python list of floats must not pass through float32
+                return torch.as_tensor(x, dtype=dtype, device=dev).reshape(-1)
+
+            lab = t(labels, torch.int64)
+            pred = t(predictions, torch.int64)
+            rad = t(radius, torch.float64)
+            sig = t(sigma, torch.float64)
+            cor = (pred == lab) & (pred != ABSTAIN) if correct is None else t(correct, torch.int64)
+            cor = cor.to(torch.int64)
+            ind = torch.full_like(lab, -1) if idx is None else t(idx, torch.int64)
+            lengths = {len(x) for x in (lab, pred, rad, sig, cor, ind)}
+            if len(lengths) != 1:
+                raise ValueError("update(): all arguments must have the same number of points")
+            self.labels.append(lab)
+            self.predictions.append(pred)
+            self.radii.append(rad)
+            self.sigmas.append(sig)
+            self.correct.append(cor)
+            self.indices.append(ind)
+
+        def gathered(self) -> Dict[str, np.ndarray]:
+            """The accumulated (on this rank, or synced inside ``compute``) points as NumPy columns."""
+            cols = {name: dim_zero_cat(getattr(self, name)).detach().cpu().numpy() for name in states}
+            ind = cols["indices"]
+            if ind.size:
+                keep = np.ones(len(ind), dtype=bool)
+                valid = np.flatnonzero(ind >= 0)
+                _, first = np.unique(ind[valid], return_index=True)
+                keep[valid] = False
+                keep[valid[first]] = True
+                cols = {k: v[keep] for k, v in cols.items()}
+            return cols
+
+        def compute(self) -> dict:
+            cols = self.gathered()
+            if cols["labels"].size == 0:
+                raise ValueError(
+                    "CertifiedAccuracy.compute(): no points were added (on any rank); nothing to summarise"
+                )
+            return summarize(
+                cols["labels"],
+                cols["predictions"],
+                cols["radii"],
+                cols["correct"],
+                cols["sigmas"],
+                self.radii_grid,
+                self.num_classes,
+            )
+
+    return CertifiedAccuracy
+
+
+_METRIC_CLASS = None
+
+
+def __getattr__(name):  # lazy: importing this module must not import torch
+    global _METRIC_CLASS
+    if name == "CertifiedAccuracy":
+        if _METRIC_CLASS is None:
+            _METRIC_CLASS = _make_metric_class()
+            _METRIC_CLASS.__module__ = __name__
+            _METRIC_CLASS.__qualname__ = "CertifiedAccuracy"  # so that pickle finds it here
+        return _METRIC_CLASS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,357 @@
+"""Tests of lightning_idrs.results (resumable crash-safe TSV log, settings, summaries) and lightning_idrs.plots."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lightning_idrs.metrics import certified_accuracy
+from lightning_idrs.plots import curve_from_tsv, plot_certified_accuracy, plot_tsvs
+from lightning_idrs.results import (
+    SETTINGS_NAME,
+    TSV_HEADER,
+    TSV_NAME,
+    CertifyLog,
+    CertifyRow,
+    format_row,
+    read_summary,
+    read_tsv,
+    write_summary,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {"sigma_base": 0.25, "semi_elasticity": 0.01, "alpha": 0.001, "n0": 100, "n": 1000,
+            "checkpoint": {"path": "model.ckpt", "sha256": "abc"}}
+
+# Deterministic rows: the same function runs in the test and in the killed subprocess. The floats
+# have many digits, to check that they survive the file exactly.
+ROW_SOURCE = textwrap.dedent(
+    """
+    def expected_row(j):
+        predict = -1 if j % 5 == 0 else j % 10
+        radius = 0.0 if predict == -1 else j / 7.0
+        return (j, j % 10, predict, radius, int(predict == j % 10), 0.25 * (1 + j / 1013.0),
+                0.5 + (j % 97) / 197.0, j * 1e-3 + 1 / 3)
+    """
+)
+exec(ROW_SOURCE)  # defines expected_row
+
+
+def rows(start, stop):
+    return [expected_row(j) for j in range(start, stop)]  # noqa: F821
+
+
+def file_lines(path):
+    data = Path(path).read_bytes()
+    assert data.endswith(b"\n"), "file must end with a complete line"
+    return data.decode().split("\n")[:-1]
+
+
+# ------------------------------------------------------------------------------------------
+# basic log behaviour
+# ------------------------------------------------------------------------------------------
+def test_append_and_reopen(tmp_path):
+    with CertifyLog(tmp_path / "out", SETTINGS) as log:
+        assert log.done == set() and log.rows == []
+        assert log.append(rows(0, 3)) == 3
+        assert log.append([dict(zip(TSV_HEADER, r)) for r in rows(3, 5)]) == 2  # mappings work too
+        assert log.append([]) == 0
+        assert log.done == {0, 1, 2, 3, 4}
+    lines = file_lines(tmp_path / "out" / TSV_NAME)
+    assert lines[0] == "\t".join(TSV_HEADER)
+    assert len(lines) == 6
+    # settings as given (tuple -> list etc. normalised by JSON) resume fine
+    with CertifyLog(tmp_path / "out", dict(SETTINGS)) as log:
+        assert log.done == {0, 1, 2, 3, 4}
+        assert [tuple(r) for r in log.rows] == rows(0, 5)  # exact float round trip
+        assert isinstance(log.rows[2], CertifyRow) and log.rows[2].p_a_lower == rows(2, 3)[0][6]
+        assert log.repaired is None
+        log.append(rows(5, 6))
+    cols = read_tsv(tmp_path / "out" / TSV_NAME)
+    assert cols["idx"].tolist() == list(range(6))
+    assert cols["idx"].dtype == np.int64 and cols["radius"].dtype == np.float64
+    np.testing.assert_array_equal(cols["radius"], [r[3] for r in rows(0, 6)])
+    np.testing.assert_array_equal(cols["p_a_lower"], [r[6] for r in rows(0, 6)])
+
+
+def test_format_row_round_trips_floats():
+    r = (7, 3, 3, 0.1 + 0.2, 1, 1 / 3, 0.9999999999999999, 12.345678901234567)
+    line = format_row(r)
+    assert line.endswith("\n") and line.count("\t") == 7
+    fields = line.rstrip("\n").split("\t")
+    assert [float(fields[k]) for k in (3, 5, 6, 7)] == [r[3], r[5], r[6], r[7]]
+    with pytest.raises(ValueError):
+        format_row((1, 2, 3))  # wrong number of fields
+    with pytest.raises(ValueError):
+        format_row((1, 0, 0, 0.5, 2, 0.25, 0.9, 1.0))  # correct must be 0/1
+    with pytest.raises(ValueError):
+        format_row((1.5, 0, 0, 0.5, 1, 0.25, 0.9, 1.0))  # non-integral idx
+
+
+def test_duplicate_append_is_refused_and_writes_nothing(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 3))
+        size = (tmp_path / TSV_NAME).stat().st_size
+        with pytest.raises(ValueError, match="already"):
+            log.append(rows(3, 5) + rows(2, 3))  # 2 is done: the whole batch is refused
+        with pytest.raises(ValueError, match="repeats"):
+            log.append(rows(3, 4) * 2)
+        assert (tmp_path / TSV_NAME).stat().st_size == size
+        assert log.done == {0, 1, 2}
+
+
+def test_torn_last_line_is_dropped_and_next_append_is_clean(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 5))
+    torn = format_row(expected_row(5))[:-9]  # noqa: F821  - a partial line, no newline
+    with open(tmp_path / TSV_NAME, "a") as fh:
+        fh.write(torn)
+    # a read-only reader ignores it without touching the file
+    assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == [0, 1, 2, 3, 4]
+    assert (tmp_path / TSV_NAME).read_text().endswith(torn)
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        assert log.done == {0, 1, 2, 3, 4}
+        assert log.repaired is not None
+        log.append(rows(5, 8))
+    lines = file_lines(tmp_path / TSV_NAME)
+    assert lines[1:] == [format_row(r).rstrip("\n") for r in rows(0, 8)]
+
+
+def test_malformed_last_line_with_newline_is_dropped(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 2))
+    with open(tmp_path / TSV_NAME, "ab") as fh:
+        fh.write(b"2\t1\t\x00\x00\n")  # wrong field count (e.g. zero-filled block after a power loss)
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        assert log.done == {0, 1}
+        log.append(rows(2, 3))
+    assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == [0, 1, 2]
+
+
+def test_corruption_before_the_last_line_raises(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 2))
+    lines = (tmp_path / TSV_NAME).read_text().split("\n")
+    lines.insert(2, "garbage")
+    (tmp_path / TSV_NAME).write_text("\n".join(lines))
+    with pytest.raises(ValueError, match="line 3"):
+        CertifyLog(tmp_path, SETTINGS)
+    with pytest.raises(ValueError, match="line 3"):
+        read_tsv(tmp_path / TSV_NAME)
+
+
+def test_torn_header_is_rewritten(tmp_path):
+    (tmp_path / "settings.json").write_text(json.dumps(SETTINGS))
+    (tmp_path / TSV_NAME).write_text("idx\tlabel\tpre")  # killed while writing the header
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        assert log.done == set()
+        log.append(rows(0, 1))
+    assert file_lines(tmp_path / TSV_NAME) == ["\t".join(TSV_HEADER), format_row(expected_row(0)).rstrip()]  # noqa: F821
+
+
+def test_different_settings_are_refused(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 2))
+    other = dict(SETTINGS, sigma_base=0.5, checkpoint={"path": "model.ckpt", "sha256": "def"})
+    with pytest.raises(ValueError) as err:
+        CertifyLog(tmp_path, other)
+    msg = str(err.value)
+    assert "sigma_base" in msg and "checkpoint.sha256" in msg and "--certify.out" in msg
+    assert "alpha" not in msg and "n0" not in msg  # only the differing keys are named
+    with pytest.raises(ValueError, match="max_points"):
+        CertifyLog(tmp_path, dict(SETTINGS, max_points=10))  # an added key is a difference too
+    # nothing was changed by the refused opens
+    assert json.loads((tmp_path / SETTINGS_NAME).read_text()) == SETTINGS
+    assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == [0, 1]
+
+
+def test_header_mismatch_is_refused(tmp_path):
+    (tmp_path / SETTINGS_NAME).write_text(json.dumps(SETTINGS))
+    (tmp_path / TSV_NAME).write_text("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.5\t1\n")
+    with pytest.raises(ValueError, match="header"):
+        CertifyLog(tmp_path, SETTINGS)
+    with pytest.raises(ValueError, match="header"):
+        read_tsv(tmp_path / TSV_NAME)
+
+
+def test_tsv_without_settings_is_refused(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 1))
+    (tmp_path / SETTINGS_NAME).unlink()
+    with pytest.raises(ValueError, match="settings"):
+        CertifyLog(tmp_path, SETTINGS)
+
+
+def test_second_writer_is_locked_out(tmp_path):
+    log = CertifyLog(tmp_path, SETTINGS)
+    try:
+        with pytest.raises(RuntimeError, match="in use"):
+            CertifyLog(tmp_path, SETTINGS)
+    finally:
+        log.close()
+    with CertifyLog(tmp_path, SETTINGS) as again:  # released on close
+        assert again.done == set()
+
+
+# ------------------------------------------------------------------------------------------
+# a real kill -9
+# ------------------------------------------------------------------------------------------
+WRITER = ROW_SOURCE + textwrap.dedent(
+    """
+    import json, os, sys, time
+    import lightning_idrs.results as results
+    out, stop, settings, tear = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    log = results.CertifyLog(out, settings)
+    i = max(log.done) + 1 if log.done else 0
+    k = 0
+    if tear:
+        # Freeze the process in the middle of a write, as a kill during the syscall would: the
+        # batch after `tear` more batches writes only part of its bytes, then waits for the kill.
+        write_all, calls = results._write_all, [0]
+        def torn_write(fd, data):
+            calls[0] += 1
+            if calls[0] <= tear:
+                return write_all(fd, data)
+            os.write(fd, data[: len(data) // 2 + 3])
+            print("torn", flush=True)
+            time.sleep(600)
+        results._write_all = torn_write
+    while i < stop:
+        size = (1, 7, 60, 400)[k % 4]  # small and large batches (a large one is a 30 KB write)
+        log.append([expected_row(j) for j in range(i, min(i + size, stop))])
+        i, k = min(i + size, stop), k + 1
+        time.sleep(0.001)
+    log.close()
+    """
+)
+
+
+def _check_prefix(out_dir):
+    """Reopen the directory: every row parses, no duplicates, rows are exactly expected_row(0..k-1)."""
+    with CertifyLog(out_dir, SETTINGS) as log:
+        got = [tuple(r) for r in log.rows]
+        repaired = log.repaired
+    assert got == rows(0, len(got))
+    lines = file_lines(Path(out_dir) / TSV_NAME)  # after the repair the file ends on a complete line
+    assert lines[0] == "\t".join(TSV_HEADER) and len(lines) == len(got) + 1
+    return len(got), repaired
+
+
+def test_kill_9_loses_no_row_and_leaves_no_torn_or_duplicate_row(tmp_path):
+    out = tmp_path / "out"
+    stop = 6000
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tsv = out / TSV_NAME
+    previous = 0
+    # (rows to wait for, batches before a torn write or 0): kills at arbitrary points of the loop,
+    # and one while a write is half done
+    for wait_lines, tear in ((40, 0), (900, 0), (0, 6), (2500, 0)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(out), str(stop), json.dumps(SETTINGS), str(tear)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        target = previous + wait_lines
+        if tear:
+            assert proc.stdout.readline() == b"torn\n", proc.stderr.read().decode()[-2000:]
+            with open(tsv, "rb") as fh:
+                assert not fh.read().endswith(b"\n")  # the file really holds a torn line now
+        else:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if tsv.exists() and tsv.read_bytes().count(b"\n") > target:
+                    break
+                time.sleep(0.0005)
+        assert proc.poll() is None, f"writer ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL
+        done, repaired = _check_prefix(out)
+        assert done >= target, "rows that were on disk before the kill were lost"
+        assert done < stop
+        if tear:
+            assert repaired is not None and done > previous
+        previous = done
+    # the last run resumes and completes: every point exactly once, in order
+    subprocess.run([sys.executable, "-c", WRITER, str(out), str(stop), json.dumps(SETTINGS), "0"],
+                   env=env, check=True, timeout=120)
+    assert _check_prefix(out)[0] == stop
+    assert read_tsv(tsv)["idx"].tolist() == list(range(stop))
+
+
+# ------------------------------------------------------------------------------------------
+# summaries
+# ------------------------------------------------------------------------------------------
+def test_write_summary_is_plain_json_and_atomic(tmp_path):
+    path = tmp_path / "summary.json"
+    summary = {"dim": np.int64(3072), "acr": np.float64(0.5), "curve": np.array([1.0, 0.5]),
+               "bad": float("nan"), "certified_accuracy": {0.25: 0.5}}
+    write_summary(path, summary)
+    text = path.read_text()
+    assert "NaN" not in text
+    got = read_summary(path)
+    assert got == {"dim": 3072, "acr": 0.5, "curve": [1.0, 0.5], "bad": None, "certified_accuracy": {"0.25": 0.5}}
+    # a failing write leaves the previous file intact and no temporary file behind
+    with pytest.raises(TypeError):
+        write_summary(path, {"acr": 1.0, "oops": object()})
+    assert read_summary(path) == got
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_log_summarize_matches_columns(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS) as log:
+        log.append(rows(0, 50))
+        s = log.summarize([0.0, 1.0, 2.0], num_classes=10)
+    r = np.array([row[3] for row in rows(0, 50)])
+    c = np.array([row[4] for row in rows(0, 50)])
+    assert s["num_points"] == 50
+    assert s["certified_accuracy"]["1"] == pytest.approx(np.mean((c == 1) & (r >= 1.0)))
+    assert s["abstain_rate"] == pytest.approx(10 / 50)  # j % 5 == 0 abstains
+
+
+# ------------------------------------------------------------------------------------------
+# plots
+# ------------------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_single_and_overlay(tmp_path):
+    radii = np.linspace(0, 1, 11)
+    one = plot_certified_accuracy({"RS": (radii, 0.8 - 0.5 * radii)}, tmp_path / "a" / "one.png", title="RS")
+    two = plot_certified_accuracy({"RS": (radii, 0.8 - 0.5 * radii), "IDRS": (radii, 0.7 - 0.3 * radii)},
+                                  tmp_path / "two.png")
+    for p in (one, two):
+        assert p.read_bytes()[:8] == PNG_MAGIC
+    from matplotlib.image import imread
+
+    a, b = imread(str(one)), imread(str(two))
+    assert a.shape == b.shape and not np.array_equal(a, b)  # the overlay drew something more
+    with pytest.raises(ValueError):
+        plot_certified_accuracy({}, tmp_path / "none.png")
+    with pytest.raises(ValueError):
+        plot_certified_accuracy({"x": ([0, 1], [1.0])}, tmp_path / "bad.png")
+
+
+def test_curve_from_tsv_and_overlay_of_runs(tmp_path):
+    with CertifyLog(tmp_path / "rs", SETTINGS) as log:
+        log.append(rows(0, 40))
+    with CertifyLog(tmp_path / "idrs", dict(SETTINGS, semi_elasticity=0.05)) as log:
+        log.append(rows(20, 80))
+    grid = [0.0, 0.5, 1.0, 3.0]
+    radii, acc = curve_from_tsv(tmp_path / "rs" / TSV_NAME, grid)
+    r = np.array([row[3] for row in rows(0, 40)])
+    c = np.array([row[4] for row in rows(0, 40)])
+    assert radii.tolist() == grid
+    np.testing.assert_allclose(acc, certified_accuracy(r, c, grid))
+    radii, acc = curve_from_tsv(tmp_path / "rs" / TSV_NAME)  # automatic grid covers the largest radius
+    assert radii[-1] >= r.max() and acc[-1] == 0.0
+    out = plot_tsvs({"RS": tmp_path / "rs" / TSV_NAME, "IDRS": tmp_path / "idrs" / TSV_NAME},
+                    tmp_path / "certified_accuracy.png")
+    assert out.read_bytes()[:8] == PNG_MAGIC
