@@ -1,4 +1,5 @@
 """Training through ``python -m lightning_idrs fit`` (LightningCLI) on the bundled digits."""
+import csv
 import os
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_ddp_two_cpu_processes_share_sigma_and_train(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, "-m", "lightning_idrs", "fit", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-         "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+         "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+         "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -99,6 +101,10 @@ def test_ddp_two_cpu_processes_share_sigma_and_train(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert "sigma(x) identical on 2 rank(s)" in output
     assert list(tmp_path.rglob("*.ckpt"))
+    # the certification callback: each rank certified its shard, rank 0 logged all points once
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    logged = [float(r["certify/num_points"]) for r in rows if r.get("certify/num_points")]
+    assert logged == [100.0]
 
 
 # ------------------------------------------------------------------------------------ bad input

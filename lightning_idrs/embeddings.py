@@ -1,0 +1,140 @@
+"""Embeddings phi for the kNN noise level sigma(x) (PAPER.md section 3).
+
+With an embedding, sigma(x) = sigma_b * exp(r * (mean_{i in N_k(phi(x))} ||phi(x) - phi(x_i)|| - m)),
+so log sigma is r * Lip(phi)-Lipschitz and the certificate must use r * Lip(phi).
+
+Convention: an embedding is any callable mapping a batch [B, ...] to [B, D']. It declares its
+Lipschitz constant (w.r.t. the Euclidean norm on both sides) as an attribute ``lipschitz_constant``;
+otherwise ``KnnSigma(embedding_lipschitz=L)`` must declare it, or certification is refused.
+``embedding=None`` is the identity (flatten), Lip = 1.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["OrthonormalProjection", "embedding_lipschitz"]
+
+
+def embedding_lipschitz(embedding, declared=None):
+    """Lip(phi): ``declared`` if given, 1 for the identity (None), else ``embedding.lipschitz_constant``.
+
+    Returns None when nothing is declared (a learned phi without a bound).
+    """
+    if declared is not None:
+        return _positive_finite(declared, "embedding_lipschitz")
+    if embedding is None:
+        return 1.0
+    value = getattr(embedding, "lipschitz_constant", None)
+    return None if value is None else _positive_finite(value, "embedding.lipschitz_constant")
+
+
+def _positive_finite(value, name):
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+class OrthonormalProjection(nn.Module):
+    """phi(x) = P flatten(x) with orthonormal rows (P P^T = I), hence ||phi(x) - phi(y)|| <= ||x - y||.
+
+    Lip(phi) = 1. The rows are checked to be orthonormal to ``atol`` and then made orthonormal to
+    float64 precision (polar factor), and phi is evaluated in float64, so the bound holds as
+    computed and not only on paper. There is no mean-centering: a translation does not change any
+    distance between projected points, so the kNN distances are the same with or without it.
+
+    ``OrthonormalProjection()`` (no components) is a placeholder to ``load_state_dict`` into; the
+    loaded matrix may have any shape.
+    """
+
+    lipschitz_constant = 1.0
+
+    def __init__(self, components=None, atol=1e-5):
+        super().__init__()
+        self.atol = float(atol)
+        if components is None:
+            matrix = torch.empty(0, 0, dtype=torch.float64)
+        else:
+            matrix = self._orthonormal(components, self.atol)
+        self.register_buffer("components", matrix)
+
+    @staticmethod
+    def _orthonormal(components, atol):
+        matrix = torch.as_tensor(np.asarray(components) if not torch.is_tensor(components) else components)
+        matrix = matrix.detach().to("cpu", torch.float64)
+        if matrix.ndim != 2 or matrix.shape[0] < 1 or matrix.shape[0] > matrix.shape[1]:
+            raise ValueError(
+                f"components must be a [dim, D] matrix with 1 <= dim <= D, got shape {tuple(matrix.shape)}"
+            )
+        if not torch.isfinite(matrix).all():
+            raise ValueError("components contains NaN or inf values")
+        gram = matrix @ matrix.T
+        error = (gram - torch.eye(len(matrix), dtype=torch.float64)).abs().max().item()
+        if error > atol:
+            raise ValueError(
+                f"components rows are not orthonormal: max |P P^T - I| = {error:.3g} > atol={atol:g}"
+            )
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u @ vh  # nearest matrix with exactly orthonormal rows (same row space)
+
+    @property
+    def in_features(self):
+        return self.components.shape[1]
+
+    @property
+    def out_features(self):
+        return self.components.shape[0]
+
+    def forward(self, x):
+        if self.components.numel() == 0:
+            raise RuntimeError("OrthonormalProjection has no components: build it with from_pca or load a state_dict")
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.in_features:
+            raise ValueError(
+                f"x has {flat.shape[1]} features per point, the projection expects {self.in_features}"
+            )
+        return flat.to(torch.float64) @ self.components.to(flat.device).T
+
+    @classmethod
+    def from_pca(cls, train, dim, batch_size=4096):
+        """Top-``dim`` principal directions of ``train`` ([n, ...]) as an orthonormal projection.
+
+        Exact PCA in float64 (eigh of the D x D covariance when D <= n, else SVD of the data).
+        """
+        x = torch.as_tensor(train).detach().reshape(len(train), -1)
+        n, d = x.shape
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= min(n, d):
+            raise ValueError(f"dim must be an integer in [1, min(n, D)] = [1, {min(n, d)}], got {dim!r}")
+        mean = torch.zeros(d, dtype=torch.float64)
+        for i in range(0, n, batch_size):
+            mean += x[i:i + batch_size].to("cpu", torch.float64).sum(0)
+        mean /= n
+        if d <= n:
+            cov = torch.zeros(d, d, dtype=torch.float64)
+            for i in range(0, n, batch_size):
+                block = x[i:i + batch_size].to("cpu", torch.float64) - mean
+                cov += block.T @ block
+            _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
+            components = vectors[:, -dim:].flip(1).T
+        else:
+            centered = x.to("cpu", torch.float64) - mean
+            components = torch.linalg.svd(centered, full_matrices=False)[2][:dim]
+        signs = torch.sign(components[torch.arange(dim), components.abs().argmax(1)])
+        return cls(components * signs[:, None])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + "components"
+        if key in state_dict:  # accept any shape (a placeholder is 0 x 0), then re-check orthonormality
+            shape = state_dict[key].shape
+            self.components = torch.empty(shape, dtype=torch.float64, device=self.components.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if key in state_dict:
+            self.components = self._orthonormal(self.components, self.atol).to(self.components.device)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, lipschitz_constant=1"
