@@ -10,8 +10,9 @@ Numerics. faiss ranks with float32 ||a||^2 + ||b||^2 - 2ab, which is inexact for
 faiss only proposes k + margin candidates; their distances are recomputed in float64 as the norm of
 the difference and the k smallest are kept. A worst-case rounding bound on faiss' distances then
 proves that no other training point is closer than the k-th; rows where it cannot (near-ties,
-many duplicates) are redone by a float64 brute-force scan. The training set is the float32
-embedding phi(x_i), stored centred on its float64 mean mu (a translation: distances unchanged).
+many duplicates) are redone by a float64 brute-force scan. The index stores the float32 points
+c_i = fl32(phi(x_i) - mu), centred on the float64 mean mu (better float32 ranking); the fixed set
+whose d_k is computed is {mu + c_i}, within 2^-24 |phi(x_i) - mu| of phi(x_i) per coordinate.
 """
 import hashlib
 import math
@@ -124,7 +125,8 @@ class _Index:
         if self.exact:  # share faiss' storage instead of keeping a second copy
             emb = faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.d).reshape(self.n, self.d)
         self.xb = torch.from_numpy(emb)
-        self.max_sq_norm = float((self.xb.double() ** 2).sum(1).max())
+        self.max_sq_norm = max(float((self.xb[i:i + 8192].double() ** 2).sum(1).max())
+                               for i in range(0, self.n, 8192))
         self.mu = torch.from_numpy(self.mu)
         self.gpu = {}  # cuda device index -> (resources, gpu index, xb on that device)
 
@@ -235,7 +237,8 @@ class KnnSigma(nn.Module):
         """Build the exact index over phi(train) ([n, ...]); set m if None; returns self.
 
         ``cache_training``: compute the self-excluded training sigmas now (always done when m is
-        None); otherwise on the first ``training_sigma`` call.
+        None), else on the first ``training_sigma`` call; either way on the module's device (move
+        the module to a GPU first to search there).
         """
         train = _as_batch(train, "train")
         n = len(train)
@@ -269,6 +272,7 @@ class KnnSigma(nn.Module):
         """sigma(x) for a batch [B, ...]: float32 [B] on x's device."""
         return self.sigma_from_distance(self.mean_knn_distance(x)).to(torch.float32)
 
+    @torch.no_grad()
     def mean_knn_distance(self, x):
         """d_k(x) in float64, shape [B], on x's device."""
         self._require_fitted()
@@ -295,8 +299,9 @@ class KnnSigma(nn.Module):
         idx = torch.as_tensor(idx)
         if x is not None and x.shape[0] != idx.shape[0]:
             raise ValueError(f"x has {x.shape[0]} points but idx has {idx.shape[0]}")
-        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= self._index.n):
-            raise ValueError(f"idx must lie in [0, {self._index.n}), got values in [{idx.min()}, {idx.max()}]")
+        n = len(self._train_dist)
+        if idx.device.type == "cpu" and idx.numel() and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"idx must lie in [0, {n}), got values in [{idx.min()}, {idx.max()}]")
         dist = self._train_dist[idx.to(self._train_dist.device, torch.long)]
         out = self.sigma_from_distance(dist).to(torch.float32)
         return out.to(x.device) if x is not None else out
@@ -320,12 +325,13 @@ class KnnSigma(nn.Module):
         return out.reshape(x.shape[0], -1).to(torch.float64)
 
     def _cache_training(self):
-        index = self._index
-        dist = torch.empty(index.n, dtype=torch.float64)
+        """d_k of every training point, itself excluded; searched on the module's device."""
+        index, device = self._index, self._train_dist.device
+        dist = torch.empty(index.n, dtype=torch.float64, device=device)
         for i in range(0, index.n, self.batch_size):
             rows = torch.arange(i, min(i + self.batch_size, index.n))
-            dist[rows] = self._knn_mean(index.xb[rows].to(torch.float64), rows)
-        self._train_dist = dist.to(self._train_dist.device)
+            dist[i:i + len(rows)] = self._knn_mean(index.xb[rows].to(device, torch.float64), rows).to(device)
+        self._train_dist = dist
 
     @torch.no_grad()
     def _knn_mean(self, q, exclude):
@@ -349,6 +355,7 @@ class KnnSigma(nn.Module):
         else:  # no non-candidate can be closer than the k-th: faiss put it after all candidates
             slack = index.bound(index.d, searcher is not index.index) * ((q * q).sum(1) + index.max_sq_norm)
             ok = (dist2.max(1).values.double() - slack >= nearest[:, -1] ** 2) & (ids >= 0).all(1)
+        ok &= torch.isfinite(nearest[:, -1])  # fewer than k valid candidates (approximate index)
         out = nearest.mean(1)
         redo = (~ok).nonzero().squeeze(1)
         if len(redo):
