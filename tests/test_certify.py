@@ -1,0 +1,235 @@
+"""``python -m lightning_idrs certify`` on a small digits checkpoint: outputs, radii, resume, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_idrs.certify import main
+from lightning_idrs.cli import cli_main
+from lightning_idrs.data import DigitsDataModule
+from lightning_idrs.module import IDRSClassifier
+from lightning_idrs.radius import certified_radius, cohen_radius
+from lightning_idrs.results import PLOT_NAME, SUMMARY_NAME, TSV_HEADER, TSV_NAME, read_summary, read_tsv
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
+SMALL = ["--certify.n0", "10", "--certify.n", "200", "--wandb.mode", "disabled"]
+ROWS = [name for name in TSV_HEADER if name != "time"]  # the time column is wall time, never reproducible
+
+
+def certify_args(checkpoint, out, *extra):
+    return ["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), *extra]
+
+
+def same_rows(a, b):
+    ta, tb = read_tsv(Path(a) / TSV_NAME), read_tsv(Path(b) / TSV_NAME)
+    return all(np.array_equal(ta[k], tb[k]) for k in ROWS)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """One IDRS digits checkpoint of the default config (sigma knn, r = 0.2), trained 2 epochs."""
+    root = tmp_path_factory.mktemp("fit")
+    cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root),
+                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false"])
+    return Path(cli.trainer.checkpoint_callback.best_model_path)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    """30 test points (every 3rd), certified in-process in one uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(certify_args(checkpoint, out, "--certify.skip", "3", "--certify.max", "30")) == 0
+    return out
+
+
+def test_outputs_radii_and_summary_agree(reference, checkpoint):
+    assert (reference / TSV_NAME).read_text().splitlines()[0] == "\t".join(TSV_HEADER)
+    tsv, summary = read_tsv(reference / TSV_NAME), read_summary(reference / SUMMARY_NAME)
+    np.testing.assert_array_equal(tsv["idx"], np.arange(0, 90, 3))
+    test = DigitsDataModule().split_dataset("test")
+    np.testing.assert_array_equal(tsv["label"], [test[i][1] for i in tsv["idx"]])
+
+    # the certificate used sigma(x) of the checkpoint's IDRS sigma and r * Lip(phi)
+    model = IDRSClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    model.attach_data(DigitsDataModule())
+    sigma = model.sigma(torch.stack([test[i][0] for i in tsv["idx"]])).double().numpy()
+    np.testing.assert_array_equal(tsv["sigma"], sigma)
+    assert sigma.std() > 0
+    r, dim = summary["semi_elasticity"], summary["dim"]
+    assert r == model.sigma.r * model.sigma.lipschitz_constant == 0.2 and dim == 64
+    assert (summary["sigma_base"], summary["alpha"], summary["n0"], summary["n"]) == (0.25, 0.001, 10, 200)
+
+    # rows: abstain iff pA_lower < 1/2 (predict -1, radius 0, incorrect); radius = IDRS radius < Cohen's
+    abstain = tsv["predict"] == -1
+    np.testing.assert_array_equal(abstain, tsv["p_a_lower"] < 0.5)
+    assert (tsv["radius"][abstain] == 0).all() and (tsv["correct"][abstain] == 0).all()
+    np.testing.assert_array_equal(tsv["correct"], (tsv["predict"] == tsv["label"]).astype(int))
+    np.testing.assert_allclose(tsv["radius"], certified_radius(tsv["p_a_lower"], tsv["sigma"], r, dim), rtol=1e-12)
+    certified = ~abstain
+    assert certified.sum() >= 10 and tsv["correct"].sum() >= 10
+    cohen = cohen_radius(tsv["p_a_lower"], tsv["sigma"])
+    assert (tsv["radius"][certified] < cohen[certified] * (1 - 1e-6)).all()
+
+    # summary.json agrees with the TSV
+    assert summary["num_points"] == 30
+    assert len(summary["certified_accuracy"]) >= 3
+    for key, acc in summary["certified_accuracy"].items():
+        assert acc == pytest.approx(np.mean((tsv["correct"] == 1) & (tsv["radius"] >= float(key))), abs=1e-12)
+    assert summary["acr"] == pytest.approx(np.mean(tsv["radius"] * tsv["correct"]))
+    assert summary["abstain_rate"] == pytest.approx(abstain.mean())
+    for label, curve in summary["class_certified_accuracy"].items():
+        mine = tsv["label"] == int(label)
+        assert curve["0"] == pytest.approx(tsv["correct"][mine].mean())
+    png = (reference / PLOT_NAME).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_idrs", "certify",
+         *certify_args(checkpoint, out, "--certify.skip", "3", "--certify.max", "30",
+                       "--certify.compare", str(reference / TSV_NAME))],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "certified accuracy: R=0:" in result.stdout and "ACR" in result.stdout
+    assert same_rows(out, reference)  # same seed, same chunks: identical certificates in a new process
+    assert (out / PLOT_NAME).is_file()
+
+    bad = subprocess.run(  # bad options fail fast with one line, before the checkpoint is looked at
+        [sys.executable, "-m", "lightning_idrs", "certify", "--ckpt_path", str(tmp_path / "missing.ckpt"),
+         "--certify.alpha", "1.5"],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --certify.alpha")
+
+
+def test_resume_after_torn_write_and_extension(reference, checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = certify_args(checkpoint, out, "--certify.skip", "3", "--certify.max", "30")
+    assert main(args) == 0
+    # simulate a kill: keep the header and 13 rows (chunk 1 half done), then a torn partial line
+    lines = (out / TSV_NAME).read_text().splitlines(keepends=True)
+    (out / TSV_NAME).write_text("".join(lines[:14]) + "42\t5\t5\t0.1")
+    assert main(args) == 0
+    assert "dropped" in capsys.readouterr().err
+    assert same_rows(out, reference)
+    assert len((out / TSV_NAME).read_text().splitlines()) == 31
+    # a larger --certify.max extends the run (max is not a setting); the first 30 rows stay
+    assert main(certify_args(checkpoint, out, "--certify.skip", "3", "--certify.max", "40")) == 0
+    tsv = read_tsv(out / TSV_NAME)
+    np.testing.assert_array_equal(tsv["idx"], np.arange(0, 120, 3))
+    np.testing.assert_array_equal(tsv["radius"][:30], read_tsv(reference / TSV_NAME)["radius"])
+
+
+def test_sigkill_mid_run_loses_no_row_and_resumes_exactly(checkpoint, tmp_path):
+    args = ["--certify.n", "4000", "--certify.points_per_chunk", "2", "--certify.max", "6"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, killed, *args)],
+        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            tsv = killed / TSV_NAME
+            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 3:  # header + the first chunk
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = read_tsv(killed / TSV_NAME)
+    assert 2 <= len(partial["idx"]) < 6
+    assert main(certify_args(checkpoint, killed, *args)) == 0
+    assert main(certify_args(checkpoint, straight, *args)) == 0
+    assert same_rows(killed, straight)
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(6))
+
+
+def test_config_sections_set_data_and_certify_defaults(checkpoint, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\ndata:\n  class_path: lightning_idrs.data.DigitsDataModule\n"
+                      "  init_args:\n    seed: 0\ncertify:\n  n: 150\n  max: 7\n  split: val\n")
+    out = tmp_path / "run"
+    args = ["--ckpt_path", str(checkpoint), "--config", str(config), "--certify.n0", "10", "--certify.max", "3",
+            "--certify.out", str(out), "--wandb.mode", "disabled"]
+    assert main(args) == 0
+    summary = read_summary(out / SUMMARY_NAME)
+    assert (summary["n"], summary["split"], summary["num_points"]) == (150, "val", 3)  # the flag beats the config
+
+
+def write_config(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def corrupt_checkpoint(path):
+    path.write_bytes(os.urandom(4096))
+    return str(path)
+
+
+DATA = "data:\n  class_path: lightning_idrs.data.{}DataModule\n  init_args:\n    {}\n"
+BAD_INPUTS = {
+    "missing checkpoint": (lambda c, t: ["--ckpt_path", str(t / "nope.ckpt")], "not found"),
+    "corrupt checkpoint": (lambda c, t: ["--ckpt_path", corrupt_checkpoint(t / "bad.ckpt")], "corrupt"),
+    "other data (seed)": (
+        lambda c, t: ["--ckpt_path", str(c), "--config", write_config(t / "d.yaml", DATA.format("Digits", "seed: 1"))],
+        "fingerprint",
+    ),
+    "other input size": (
+        lambda c, t: ["--ckpt_path", str(c), "--config", write_config(t / "m.yaml", DATA.format("MNIST", "root: x"))],
+        "input shape",
+    ),
+    "alpha 1.5 first": (lambda c, t: ["--ckpt_path", str(t / "nope.ckpt"), "--certify.alpha", "1.5"], "alpha"),
+    "n0 = 0": (lambda c, t: ["--ckpt_path", str(c), "--certify.n0", "0"], "--certify.n0"),
+    "n = 0": (lambda c, t: ["--ckpt_path", str(c), "--certify.n", "0"], "--certify.n "),
+    "batch_size = 0": (lambda c, t: ["--ckpt_path", str(c), "--certify.batch_size", "0"], "batch_size"),
+    "root for digits": (lambda c, t: ["--ckpt_path", str(c), "--data.root", str(t)], "root"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_error_line(case, checkpoint, tmp_path, capsys):
+    make_args, needle = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    code = main([*SMALL, "--certify.out", str(out), *make_args(checkpoint, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, err
+    assert not out.exists(), "nothing may be written for a bad input"
+
+
+def test_rerun_with_other_settings_into_same_directory_is_refused(checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(certify_args(checkpoint, out, "--certify.max", "2")) == 0
+    before = (out / TSV_NAME).read_bytes()
+    code = main(certify_args(checkpoint, out, "--certify.max", "2", "--certify.n", "100"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "different settings" in err and "n: 200 in the directory, 100 now" in err
+    assert (out / TSV_NAME).read_bytes() == before
+
+
+def test_wandb_offline_run_folder_inside_output(checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = certify_args(checkpoint, out, "--certify.max", "3")
+    args[args.index("disabled")] = "offline"
+    assert main(args) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].rglob("files/media/images/**/*.png"))
+    assert list(runs[0].rglob("files/media/table/**/*.table.json"))
