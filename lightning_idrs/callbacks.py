@@ -81,8 +81,9 @@ class CertificationCallback(Callback):
             return
         summary, sigmas = self._certify(trainer, pl_module)
         pl_module.log_dict(self._scalars(summary), sync_dist=False)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "certify"  # collective under DDP
         if trainer.is_global_zero:
-            self._log_curve(trainer, summary, sigmas)
+            self._log_curve(trainer, summary, sigmas, folder)
 
     # ------------------------------------------------------------------ work
     def _certify(self, trainer, pl_module):
@@ -113,11 +114,10 @@ class CertificationCallback(Callback):
             scalars.update({f"certify/class_{label}/acc@{key}": acc for key, acc in curve.items()})
         return scalars
 
-    def _log_curve(self, trainer, summary: dict, sigmas: np.ndarray) -> None:
+    def _log_curve(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
         epoch = trainer.current_epoch
         radii = np.asarray(self.radii)
         accuracy = np.asarray([summary["certified_accuracy"][radius_key(r)] for r in radii])
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "certify"
         plot_certified_accuracy(
             {f"epoch {epoch}": (radii, accuracy)},
             folder / f"certified_accuracy_epoch{epoch:03d}.png",

@@ -168,10 +168,17 @@ class IDRSClassifier(pl.LightningModule):
             "dim": self.input_dim,
             "sigma": self.hparams.sigma,
             "sigma_base": float(self.hparams.sigma_base),
-            "semi_elasticity": float(self.sigma.semi_elasticity),
+            "semi_elasticity": self._certified_semi_elasticity(),
             "m": None if self.sigma.m is None else float(self.sigma.m),
             "datamodule_class": None if datamodule is None else f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
         }
+
+    def _certified_semi_elasticity(self) -> Optional[float]:
+        """r * Lip(phi), or None where sigma cannot be certified (undeclared Lip, approximate index)."""
+        try:
+            return float(self.sigma.semi_elasticity)
+        except ValueError:
+            return None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         info = checkpoint.get(CHECKPOINT_KEY)

@@ -72,9 +72,10 @@ def test_noise_is_per_input_and_scales_with_sigma():
     sigma = module.sigma.training_sigma(train, torch.arange(40))
     assert sigma.max() / sigma.min() > 1.5
     x = train.repeat_interleave(50, dim=0)
+    torch.manual_seed(0)
     noise = module.add_noise(x, sigma.repeat_interleave(50)) - x
     per_image_std = noise.flatten(1).std(dim=1).reshape(40, 50).mean(dim=1)
-    torch.testing.assert_close(per_image_std, sigma, rtol=0.03, atol=0)
+    torch.testing.assert_close(per_image_std, sigma, rtol=0.05, atol=0)  # 4 standard errors
 
 
 def test_training_step_uses_each_training_points_own_sigma():
