@@ -366,7 +366,7 @@ def log_wandb(out: Path, summary: dict, png: Path, wandb_opts: WandbOptions) -> 
                         data=[[R, summary["certified_accuracy"][radius_key(R)]] for R in summary["radii"]])
     config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     run = wandb.init(dir=str(out), mode=wandb_opts.mode, project=wandb_opts.project, job_type="certify",
-                     config=config, settings=wandb.Settings(silent=True))
+                     config=config, settings=wandb.Settings(silent=True), reinit="create_new")
     try:
         run.log({**scalars, "certify/table": table,
                  "certify/curve": wandb.plot.line(table, "radius", "certified_accuracy", title=_run_label(summary)),

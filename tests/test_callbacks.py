@@ -48,7 +48,8 @@ def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
 
 def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cli_main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks=[]", *CALLBACK])
+    cli = cli_main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks=[]", *CALLBACK])
+    cli.trainer.logger.experiment.finish()  # Lightning leaves the run open in this process
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     tables = list(runs[0].rglob("*.table.json"))

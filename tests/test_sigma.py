@@ -265,17 +265,17 @@ def test_semi_elasticity_zero_r_is_constant():
     assert torch.allclose(sigma(torch.rand(5, 4)), torch.full((5,), 0.3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(digits):
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_every_device_matches_the_cpu_result(digits, device):
     train, test = digits
     sigma = KnnSigma(0.25, 0.5, k=10).fit(train)
     cpu = sigma(test)
-    sigma.cuda()
-    gpu = sigma(test.cuda())
-    assert gpu.device.type == "cuda"
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=0)
-    idx = torch.arange(10, device="cuda")
-    assert sigma.training_sigma(test[:10].cuda(), idx).device.type == "cuda"
+    sigma.to(device)
+    other = sigma(test.to(device))
+    assert other.device.type == device
+    torch.testing.assert_close(other.cpu(), cpu, rtol=1e-6, atol=0)
+    idx = torch.arange(10, device=device)
+    assert sigma.training_sigma(test[:10].to(device), idx).device.type == device
 
 
 def test_lightning_checkpoint_roundtrip(tmp_path):
