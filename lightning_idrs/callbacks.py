@@ -9,7 +9,8 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_idrs.metrics import CertifiedAccuracy, default_radius_grid, radius_key
+from lightning_idrs.certified_accuracy import CertifiedAccuracy
+from lightning_idrs.metrics import default_radius_grid, radius_key
 from lightning_idrs.plots import plot_certified_accuracy
 from lightning_idrs.smoothing import SmoothedClassifier, _check_alpha, _check_positive_int
 

@@ -6,6 +6,7 @@ default configuration ships inside the package (``lightning_idrs/configs/digits_
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
@@ -44,7 +45,7 @@ class IDRSCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if callback is not None and self.trainer.is_global_zero:
             path = callback.best_model_path or callback.last_model_path
-            print(f"best checkpoint: {path}", flush=True)
+            print(f"best checkpoint: {os.path.abspath(path) if path else None}", flush=True)
 
 
 def cli_main(args=None) -> IDRSCLI:

@@ -182,7 +182,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_metric_two_updates_equals_summarize_of_concatenation():
-    from lightning_idrs.metrics import CertifiedAccuracy
+    from lightning_idrs.certified_accuracy import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID, num_classes=3)
     f64 = torch.float64  # radii as float64 tensors, as the certifier produces them
@@ -198,7 +198,7 @@ def test_metric_two_updates_equals_summarize_of_concatenation():
 
 
 def test_metric_keeps_float64_radii():
-    from lightning_idrs.metrics import CertifiedAccuracy
+    from lightning_idrs.certified_accuracy import CertifiedAccuracy
 
     # float32(0.7) < 0.7: a float32 state would drop this point from the R = 0.7 column
     m = CertifiedAccuracy([0.7])
@@ -207,7 +207,7 @@ def test_metric_keeps_float64_radii():
 
 
 def test_metric_deduplicates_by_idx_and_resets():
-    from lightning_idrs.metrics import CertifiedAccuracy
+    from lightning_idrs.certified_accuracy import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID)
     m.update(LABELS, PREDICT, RADIUS, SIGMA, idx=list(range(6)))
@@ -220,7 +220,7 @@ def test_metric_deduplicates_by_idx_and_resets():
 
 
 def test_metric_compute_without_data_raises():
-    from lightning_idrs.metrics import CertifiedAccuracy
+    from lightning_idrs.certified_accuracy import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no points"):
@@ -236,7 +236,7 @@ _DDP_WORKER = textwrap.dedent(
     """
     import json, sys
     import torch, torch.distributed as dist
-    from lightning_idrs.metrics import CertifiedAccuracy
+    from lightning_idrs.certified_accuracy import CertifiedAccuracy
     rank, init, out, grid = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     table = json.loads(sys.argv[5])
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

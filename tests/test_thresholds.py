@@ -1,0 +1,25 @@
+"""``python -m lightning_idrs thresholds`` prints the curse-of-dimensionality table."""
+import re
+
+import pytest
+
+from lightning_idrs.__main__ import main
+from tests.test_radius import PAPER_TABLE
+
+
+def test_prints_the_papers_table(capsys):
+    assert main(["thresholds"]) == 0
+    out = capsys.readouterr().out
+    for dim, row in PAPER_TABLE.items():
+        line = next(l for l in out.splitlines() if f"({dim})" in l)
+        lower = [float(x) for x in re.findall(r"(\d\.\d{3}) /", line)]
+        assert lower == pytest.approx(row, abs=1.5e-3)  # printed with 3 decimals
+
+
+def test_custom_dimensions_and_bad_p_b(capsys):
+    assert main(["thresholds", "--dim", "64", "--p-b", "0.1"]) == 0
+    assert "N=64 (64)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        main(["thresholds", "--p-b", "1.5"])
+    assert error.value.code != 0
+    assert "p_b" in capsys.readouterr().err
