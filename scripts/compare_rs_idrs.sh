@@ -8,11 +8,12 @@ data=${1:-digits}
 out=${2:-runs/${data}_compare}
 shift $(( $# > 2 ? 2 : $# )) || true
 here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
 
 for kind in rs idrs; do
   python -m lightning_idrs fit --config "$here/configs/${data}_${kind}.yaml" \
-      --trainer.default_root_dir "$out/$kind" ${FIT_ARGS:-} | tee "$out.$kind.fit.log"
-  ckpt=$(sed -n 's/^best checkpoint: //p' "$out.$kind.fit.log" | tail -n 1)
+      --trainer.default_root_dir "$out/$kind" ${FIT_ARGS:-} | tee "$out/$kind.fit.log"
+  ckpt=$(sed -n 's/^best checkpoint: //p' "$out/$kind.fit.log" | tail -n 1)
   compare=()
   [ "$kind" = idrs ] && compare=(--certify.compare "$out/rs/certify/certify.tsv")
   python -m lightning_idrs certify --ckpt_path "$ckpt" --certify.out "$out/$kind/certify" "${compare[@]}" "$@"
