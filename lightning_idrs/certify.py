@@ -93,7 +93,7 @@ class WandbOptions:
     """
 
     mode: str = "offline"
-    project: str = "lightning_idrs"
+    project: str = "lightning-idrs"
 
 
 # ------------------------------------------------------------------------------------ options
