@@ -12,7 +12,7 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_idrs.certified_accuracy import CertifiedAccuracy
 from lightning_idrs.metrics import default_radius_grid, radius_key
 from lightning_idrs.plots import plot_certified_accuracy
-from lightning_idrs.smoothing import SmoothedClassifier, _check_alpha, _check_positive_int
+from lightning_idrs.smoothing import SmoothedClassifier, check_alpha, check_positive_int
 
 
 def stratified_subset(labels: torch.Tensor, num_points: int, seed: int) -> torch.Tensor:
@@ -54,11 +54,11 @@ class CertificationCallback(Callback):
         seed: int = 0,
     ):
         super().__init__()
-        self.alpha = _check_alpha(alpha)
-        self.every_n_epochs = _check_positive_int(every_n_epochs, "every_n_epochs")
-        self.num_points = _check_positive_int(num_points, "num_points")
-        self.n0, self.n = _check_positive_int(n0, "n0"), _check_positive_int(n, "n")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.alpha = check_alpha(alpha)
+        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
+        self.num_points = check_positive_int(num_points, "num_points")
+        self.n0, self.n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.radii = [float(r) for r in (default_radius_grid(1.0, 0.125) if radii is None else radii)]
         self.seed = seed
         self._indices: Optional[torch.Tensor] = None
@@ -91,8 +91,9 @@ class CertificationCallback(Callback):
         shard = self._indices[trainer.global_rank :: trainer.world_size]
         dataset = trainer.datamodule.split_dataset("val")
         device = pl_module.device
-        x = torch.stack([dataset[int(i)][0] for i in shard]).to(device)
-        y = torch.as_tensor([int(dataset[int(i)][1]) for i in shard])
+        items = [dataset[int(i)] for i in shard]
+        x = torch.stack([image for image, _ in items]).to(device)
+        y = torch.as_tensor([int(label) for _, label in items])
         generator = torch.Generator(device=device).manual_seed(
             self.seed + 1_000_003 * trainer.current_epoch + trainer.global_rank
         )

@@ -39,13 +39,13 @@ def clopper_pearson_lower(successes, trials, alpha) -> np.ndarray:
     return np.where(successes > 0, bound, 0.0)
 
 
-def _check_positive_int(value, name: str) -> int:
+def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not float(value).is_integer() or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
 
-def _check_alpha(alpha) -> float:
+def check_alpha(alpha) -> float:
     if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
         raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
     return float(alpha)
@@ -64,7 +64,7 @@ class SmoothedClassifier:
     def __init__(self, base_classifier: nn.Module, sigma, num_classes: int):
         self.base_classifier = base_classifier
         self.sigma = sigma
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
 
     # ------------------------------------------------------------------ public algorithms
     def certify(self, x, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> Certificates:
@@ -74,9 +74,9 @@ class SmoothedClassifier:
         pA_lower = Beta(alpha; nA, n - nA + 1). Abstain if pA_lower < 1/2, else return cA and the
         radius ``certified_radius(pA_lower, sigma(x), r, N)`` (IDRS, or Cohen's for r = 0).
         """
-        n0, n = _check_positive_int(n0, "n0"), _check_positive_int(n, "n")
-        alpha = _check_alpha(alpha)
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
+        alpha = check_alpha(alpha)
+        batch_size = check_positive_int(batch_size, "batch_size")
         x = self._check_inputs(x)
         r = float(self.sigma.semi_elasticity)  # raises if the sigma function cannot be certified
         sigma = self._sigmas(x)
@@ -94,9 +94,9 @@ class SmoothedClassifier:
     def predict(self, x, n: int, alpha: float, batch_size: int, generator=None) -> np.ndarray:
         """PREDICT: top two counts nA, nB of n samples; abstain (-1) unless the two-sided binomial
         test of nA ~ Bin(nA + nB, 1/2) rejects at level alpha."""
-        n = _check_positive_int(n, "n")
-        alpha = _check_alpha(alpha)
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        n = check_positive_int(n, "n")
+        alpha = check_alpha(alpha)
+        batch_size = check_positive_int(batch_size, "batch_size")
         x = self._check_inputs(x)
         counts = self._sample_counts(x, self._sigmas(x), n, batch_size, generator)
         top2 = counts.topk(min(2, self.num_classes), dim=1)
