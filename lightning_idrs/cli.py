@@ -55,6 +55,6 @@ def cli_main(args=None) -> IDRSCLI:
         IDRSDataModule,
         subclass_mode_data=True,
         args=args,
-        parser_kwargs={name: subcommand_defaults for name in ("fit", "validate", "test", "predict")},
+        parser_kwargs={"prog": "python -m lightning_idrs", **{name: subcommand_defaults for name in ("fit", "validate", "test", "predict")}},
         save_config_kwargs={"overwrite": True},
     )

@@ -23,3 +23,11 @@ def test_custom_dimensions_and_bad_p_b(capsys):
         main(["thresholds", "--p-b", "1.5"])
     assert error.value.code != 0
     assert "p_b" in capsys.readouterr().err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("fit", "certify", "thresholds"))
+    assert main([]) == 2  # no command: usage on stderr, failure exit code
+    assert "usage" in capsys.readouterr().err
