@@ -71,8 +71,10 @@ class IDRSClassifier(pl.LightningModule):
         self.data_fingerprint: Optional[str] = None
         self.dataset_name: Optional[str] = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_clean_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_noisy_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.eval_acc = torch.nn.ModuleDict(
+            {f"{stage}_{kind}": MulticlassAccuracy(num_classes, average="micro")
+             for stage in ("val", "test") for kind in ("clean", "noisy")}
+        )
 
     @property
     def input_dim(self) -> int:
@@ -140,15 +142,22 @@ class IDRSClassifier(pl.LightningModule):
         self.log("train/noisy_acc", self.train_acc, on_epoch=True, on_step=False)
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def _evaluate(self, batch, stage: str) -> None:
+        """Accuracy on clean inputs and on inputs with noise sigma(x) (the full index, no exclusion)."""
         x, y = batch[0], batch[1]
         clean = self.model(x)
         noisy = self.model(self.add_noise(x, self.sigma(x)))
-        self.val_clean_acc(clean, y)
-        self.val_noisy_acc(noisy, y)
-        self.log("val/loss", F.cross_entropy(noisy, y), sync_dist=True)
-        self.log("val/clean_acc", self.val_clean_acc, prog_bar=True)
-        self.log("val/noisy_acc", self.val_noisy_acc, prog_bar=True)
+        self.eval_acc[f"{stage}_clean"](clean, y)
+        self.eval_acc[f"{stage}_noisy"](noisy, y)
+        self.log(f"{stage}/loss", F.cross_entropy(noisy, y), sync_dist=True)
+        self.log(f"{stage}/clean_acc", self.eval_acc[f"{stage}_clean"], prog_bar=True)
+        self.log(f"{stage}/noisy_acc", self.eval_acc[f"{stage}_noisy"], prog_bar=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
 
     def configure_optimizers(self):
         make_optimizer = self.optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))

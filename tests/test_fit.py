@@ -156,3 +156,12 @@ def test_repository_configs_are_accepted_by_the_cli(name, capsys):
     assert done.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["sigma"] == ("knn" if name.endswith("idrs") else "constant")
+
+
+def test_test_subcommand_evaluates_a_checkpoint_clean_and_noisy(tmp_path):
+    cli = fit(tmp_path, "--trainer.max_epochs", "3")
+    path = cli.trainer.checkpoint_callback.best_model_path
+    tested = cli_main(["test", "--ckpt_path", path, "--trainer.logger", "false",
+                       "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    metrics = tested.trainer.callback_metrics
+    assert 0.5 < float(metrics["test/clean_acc"]) <= 1 and 0.3 < float(metrics["test/noisy_acc"]) <= 1
