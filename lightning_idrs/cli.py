@@ -15,7 +15,6 @@ from lightning_idrs.data import IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "digits_idrs.yaml"
-LOGGER_DIR_KEYS = ("save_dir",)
 
 
 def _loggers(trainer_config):

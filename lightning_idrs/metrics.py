@@ -12,7 +12,7 @@ wraps the same statistics in a torchmetrics ``Metric`` gathered across DDP ranks
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -26,7 +26,6 @@ __all__ = [
     "default_radius_grid",
     "radius_key",
     "summarize",
-    "CertifiedAccuracy",
 ]
 
 ABSTAIN = -1
