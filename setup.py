@@ -12,7 +12,7 @@ REQUIREMENTS = [
 
 setup(
     name="lightning_idrs",
-    version="0.1.0",
+    version="0.2.0",
     description="Train and certify classifiers with input-dependent randomized smoothing (IDRS).",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
@@ -25,5 +25,5 @@ setup(
         # A CUDA build of faiss; faiss-cpu stays the default. Uninstall faiss-cpu first.
         "gpu": ["faiss-gpu-cu12>=1.8"],
     },
-    entry_points={"console_scripts": ["lightning-idrs=lightning_idrs.__main__:main"]},
+    entry_points={"console_scripts": ["lightning-idrs=lightning_idrs.commands:main"]},
 )

@@ -1,18 +1,17 @@
 """Certification during training: certified accuracy vs radius at the end of validation."""
-from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_idrs.certified_accuracy import CertifiedAccuracy
-from lightning_idrs.metrics import default_radius_grid, radius_key
-from lightning_idrs.plots import plot_certified_accuracy
-from lightning_idrs.smoothing import SmoothedClassifier, check_alpha, check_positive_int
+from lightning_idrs.metric import CertifiedAccuracy
+from lightning_idrs.reporting import ReportOptions, curve, log_to_wandb, plot_curves, radius_grid, scalars
+from lightning_idrs.smoothing import CertifySettings, SmoothedClassifier, certify_chunks, plan_chunks
+from lightning_idrs.validation import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 
 
 def stratified_subset(labels: torch.Tensor, num_points: int, seed: int) -> torch.Tensor:
@@ -34,42 +33,52 @@ class CertificationCallback(Callback):
     """Every ``every_n_epochs`` validation epochs, CERTIFY a fixed class-stratified validation subset.
 
     Uses the model's own base classifier and sigma(x), and the IDRS radius for sigma's
-    semi-elasticity (Cohen's for a constant sigma). Logs ``certify/acc@R`` for every R of the grid,
-    ``certify/acr``, ``certify/abstain_rate``, ``certify/smoothed_clean_acc``, ``certify/mean_sigma``
-    and ``certify/class_{c}/acc@R``; with a WandbLogger also a (radius, certified accuracy) table
-    with its line plot and a histogram of sigma(x); with any logger a PNG of the curve in the run
-    directory. Under DDP each rank certifies its shard; the results are gathered (torchmetrics) and
-    logged once.
+    semi-elasticity (Cohen's for a constant sigma). Points are certified in the same seeded chunks
+    as the ``certify`` command (:func:`lightning_idrs.smoothing.certify_chunks`), with the same noise
+    every epoch, so a change between epochs is the model's, not the noise's. Under DDP the chunks are
+    shared out over the ranks and the results gathered (torchmetrics) and logged once. What is
+    logged is ``lightning_idrs.reporting``'s, as for the command: the ``certify/...`` scalars to
+    every logger, a PNG of the curve in the run directory, and with a WandbLogger the table, line
+    plot, sigma(x) histogram and PNG.
+
+    Args:
+        every_n_epochs: certify after every n-th validation epoch (and after the last epoch).
+        num_points: validation points certified (class-stratified, fixed for the run).
+        n0, n, alpha, batch_size, points_per_chunk: CERTIFY's settings (small n for monitoring).
+        radii: the reported radius grid (default 0, 0.125, ..., radii_max).
+        radii_step, radii_max: the grid when ``radii`` is not given.
+        seed: seed of the subset and of the noise.
     """
 
     def __init__(
         self,
-        every_n_epochs: int = 5,
-        num_points: int = 100,
-        n0: int = 16,
-        n: int = 256,
-        alpha: float = 0.001,
-        batch_size: int = 1024,
-        radii: Optional[Sequence[float]] = None,
-        seed: int = 0,
+        every_n_epochs: PositiveInt = 5,
+        num_points: PositiveInt = 100,
+        n0: PositiveInt = 16,
+        n: PositiveInt = 256,
+        alpha: OpenUnitInterval = 0.001,
+        batch_size: PositiveInt = 1024,
+        radii: Optional[list[NonNegativeFloat]] = None,
+        radii_step: PositiveFloat = 0.125,
+        radii_max: NonNegativeFloat = 1.0,
+        seed: NonNegativeInt = 0,
+        points_per_chunk: PositiveInt = 10,
     ):
         super().__init__()
-        self.alpha = check_alpha(alpha)
-        self.every_n_epochs = check_positive_int(every_n_epochs, "every_n_epochs")
-        self.num_points = check_positive_int(num_points, "num_points")
-        self.n0, self.n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
-        self.batch_size = check_positive_int(batch_size, "batch_size")
-        self.radii = [float(r) for r in (default_radius_grid(1.0, 0.125) if radii is None else radii)]
-        self.seed = seed
+        self.every_n_epochs = check(PositiveInt, every_n_epochs, "every_n_epochs")
+        self.num_points = check(PositiveInt, num_points, "num_points")
+        self.settings = CertifySettings(n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
+                                        points_per_chunk=points_per_chunk)
+        self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
         self._indices: Optional[torch.Tensor] = None
-        self._metric = None
+        self._metric: Optional[CertifiedAccuracy] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "split_dataset"):
             raise ValueError("CertificationCallback needs a lightning_idrs datamodule (with split_dataset)")
         labels = torch.as_tensor([int(y) for _, y in datamodule.split_dataset("val")])
-        self._indices = stratified_subset(labels, self.num_points, self.seed)
+        self._indices = stratified_subset(labels, self.num_points, self.settings.seed)
         self._metric = CertifiedAccuracy(self.radii, num_classes=datamodule.num_classes)
 
     def _due(self, trainer) -> bool:
@@ -81,62 +90,32 @@ class CertificationCallback(Callback):
         if trainer.sanity_checking or self._indices is None or not self._due(trainer):
             return
         summary, sigmas = self._certify(trainer, pl_module)
-        pl_module.log_dict(self._scalars(summary), sync_dist=False)
+        pl_module.log_dict(scalars(summary), sync_dist=False)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "certify"  # collective under DDP
         if trainer.is_global_zero:
-            self._log_curve(trainer, summary, sigmas, folder)
+            self._report(trainer, summary, sigmas, folder)
 
-    # ------------------------------------------------------------------ work
     def _certify(self, trainer, pl_module):
-        shard = self._indices[trainer.global_rank :: trainer.world_size]
-        dataset = trainer.datamodule.split_dataset("val")
-        device = pl_module.device
-        items = [dataset[int(i)] for i in shard]
-        x = torch.stack([image for image, _ in items]).to(device)
-        y = torch.as_tensor([int(label) for _, label in items])
-        generator = torch.Generator(device=device).manual_seed(
-            self.seed + 1_000_003 * trainer.current_epoch + trainer.global_rank
-        )
+        """Certify this rank's chunks; returns the summary over all ranks and this rank's sigmas."""
+        chunks = plan_chunks(self._indices.numpy(), self.settings.points_per_chunk)
         smoothed = SmoothedClassifier(pl_module.model, pl_module.sigma, pl_module.hparams.num_classes)
-        certificates = smoothed.certify(x, self.n0, self.n, self.alpha, self.batch_size, generator)
-        metric = self._metric.to(device)
-        metric.update(y, certificates.prediction, certificates.radius, certificates.sigma, idx=shard)
+        dataset = trainer.datamodule.split_dataset("val")
+        metric = self._metric.to(pl_module.device)
+        sigmas = []
+        for done in certify_chunks(smoothed, dataset, chunks[trainer.global_rank::trainer.world_size],
+                                   self.settings, pl_module.device):
+            cert = done.certificates
+            metric.update(done.labels, cert.prediction, cert.radius, cert.sigma, idx=done.indices)
+            sigmas.append(cert.sigma)
         summary = metric.compute()
         metric.reset()
-        return summary, certificates.sigma  # the histogram shows rank 0's shard under DDP
+        return summary, np.concatenate(sigmas) if sigmas else np.zeros(0)
 
-    def _scalars(self, summary: dict) -> dict:
-        scalars = {f"certify/acc@{key}": acc for key, acc in summary["certified_accuracy"].items()}
-        scalars["certify/acr"] = summary["acr"]
-        scalars["certify/num_points"] = float(summary["num_points"])
-        scalars["certify/abstain_rate"] = summary["abstain_rate"]
-        scalars["certify/smoothed_clean_acc"] = summary["clean_accuracy"]
-        scalars["certify/mean_sigma"] = summary["mean_sigma"]
-        for label, curve in summary["class_certified_accuracy"].items():
-            scalars.update({f"certify/class_{label}/acc@{key}": acc for key, acc in curve.items()})
-        return scalars
-
-    def _log_curve(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
+    def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
         epoch = trainer.current_epoch
-        radii = np.asarray(self.radii)
-        accuracy = np.asarray([summary["certified_accuracy"][radius_key(r)] for r in radii])
-        plot_certified_accuracy(
-            {f"epoch {epoch}": (radii, accuracy)},
-            folder / f"certified_accuracy_epoch{epoch:03d}.png",
-            title=f"certified accuracy, epoch {epoch} ({summary['num_points']} val points)",
-        )
+        title = f"certified accuracy, epoch {epoch} ({summary['num_points']} val points)"
+        png = plot_curves({f"epoch {epoch}": curve(summary)}, folder / f"certified_accuracy_epoch{epoch:03d}.png",
+                          title=title)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                import wandb
-
-                table = wandb.Table(columns=["radius", "certified_accuracy"], data=np.c_[radii, accuracy].tolist())
-                logger.experiment.log(
-                    {
-                        "certify/table": table,
-                        "certify/curve": wandb.plot.line(
-                            table, "radius", "certified_accuracy", title=f"certified accuracy, epoch {epoch}"
-                        ),
-                        "certify/sigma": wandb.Histogram(np.asarray(sigmas)),
-                        "trainer/global_step": trainer.global_step,
-                    }
-                )
+                log_to_wandb(logger, summary, png, title, sigmas=sigmas, step=trainer.global_step)

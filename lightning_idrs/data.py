@@ -13,13 +13,11 @@ Common interface (relied on by training, the kNN sigma and certification):
   position in the training set; ``val_dataloader()`` / ``test_dataloader()`` yield ``(x, y)``;
 * ``train_inputs()`` returns all clean (non-augmented) training images, in ``idx`` order;
 * ``split_dataset(split)`` returns a clean ``(x, y)`` Dataset for "train", "val" or "test";
-* ``fingerprint()`` returns a sha256 hex digest of the name, input shape and training data.
+* ``fingerprint(split="train")`` returns a sha256 hex digest of the name, input shape and a split's data.
 
 Splits depend only on ``seed``, so every DDP rank sees the same split.
 """
-from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,6 +26,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_idrs.digests import sha256_hex
+from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
 __all__ = [
     "DataNotFoundError",
@@ -95,19 +96,15 @@ class IDRSDataModule(pl.LightningDataModule):
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
-    def __init__(self, batch_size: int = 128, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: PositiveInt = 128, num_workers: NonNegativeInt = 0, seed: NonNegativeInt = 0) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         # Records the most-derived class's init args (also stored in Lightning checkpoints).
         self.save_hyperparameters()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
+        self.batch_size = check(PositiveInt, batch_size, "batch_size")
+        self.num_workers = check(NonNegativeInt, num_workers, "num_workers")
+        self.seed = check(NonNegativeInt, seed, "seed")
         self._splits: Optional[dict[str, ImageTensorDataset]] = None
-        self._fingerprint: Optional[str] = None
+        self._fingerprints: dict[str, str] = {}
 
     _scale: float = 255.0  # integer pixel value that maps to 1.0
 
@@ -179,16 +176,13 @@ class IDRSDataModule(pl.LightningDataModule):
         """
         return self._split("train").inputs()
 
-    def fingerprint(self) -> str:
-        """sha256 hex digest of the name, input shape, pixel scale, training images and labels."""
-        if self._fingerprint is None:
-            train = self._split("train")
-            h = hashlib.sha256()
-            h.update(f"{self.name}|{tuple(self.input_shape)}|{self._scale}|{len(train)}|".encode())
-            h.update(np.ascontiguousarray(train.images.numpy()).tobytes())
-            h.update(np.ascontiguousarray(train.labels.numpy().astype("<i8")).tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+    def fingerprint(self, split: str = "train") -> str:
+        """sha256 hex digest of the name, input shape, pixel scale, images and labels of ``split``."""
+        if split not in self._fingerprints:
+            data = self._split(split)
+            header = f"{self.name}|{tuple(self.input_shape)}|{self._scale}|{len(data)}|"
+            self._fingerprints[split] = sha256_hex(header, data.images, data.labels.to(torch.int64))
+        return self._fingerprints[split]
 
 
 def _holdout(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -215,20 +209,17 @@ class DigitsDataModule(IDRSDataModule):
 
     def __init__(
         self,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 0,
+        seed: NonNegativeInt = 0,
+        val_fraction: OpenUnitInterval = 0.2,
+        test_fraction: OpenUnitInterval = 0.2,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
-            raise ValueError(
-                f"need 0 < val_fraction, 0 < test_fraction, val_fraction + test_fraction < 1; "
-                f"got {val_fraction}, {test_fraction}"
-            )
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
+        self.val_fraction = check(OpenUnitInterval, val_fraction, "val_fraction")
+        self.test_fraction = check(OpenUnitInterval, test_fraction, "test_fraction")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
 
     def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         from sklearn.datasets import load_digits
@@ -264,15 +255,15 @@ class _TorchvisionDataModule(IDRSDataModule):
         self,
         root: str = "data",
         download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_size: int = 5000,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 0,
+        seed: NonNegativeInt = 0,
+        val_size: PositiveInt = 5000,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.root = root
         self.download = download
-        self.val_size = val_size
+        self.val_size = check(PositiveInt, val_size, "val_size")
 
     def _dataset(self, train: bool, download: bool):
         import torchvision.datasets as tvd
@@ -353,20 +344,8 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     _dataset_cls_name = "CIFAR10"
     _layout_hint = "the extracted python-version batches under {root}/cifar-10-batches-py"
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        seed: int = 0,
-        val_size: int = 5000,
-        augment: bool = True,
-    ) -> None:
-        super().__init__(
-            root=root, download=download, batch_size=batch_size, num_workers=num_workers, seed=seed,
-            val_size=val_size,
-        )
+    def __init__(self, *args, augment: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.augment = augment
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Embeddings phi for the kNN noise level sigma(x) (PAPER.md section 3).
+"""Embeddings phi for the kNN noise level sigma(x) (docs/math.md, "the kNN sigma").
 
 With an embedding, sigma(x) = sigma_b * exp(r * (mean_{i in N_k(phi(x))} ||phi(x) - phi(x_i)|| - m)),
 so log sigma is r * Lip(phi)-Lipschitz and the certificate must use r * Lip(phi).
@@ -6,15 +6,19 @@ so log sigma is r * Lip(phi)-Lipschitz and the certificate must use r * Lip(phi)
 Convention: an embedding is any callable mapping a batch [B, ...] to [B, D']. It declares its
 Lipschitz constant (w.r.t. the Euclidean norm on both sides) as an attribute ``lipschitz_constant``;
 otherwise ``KnnSigma(embedding_lipschitz=L)`` must declare it, or certification is refused.
-``embedding=None`` is the identity (flatten), Lip = 1.
+``embedding=None`` is the identity (flatten), Lip = 1. An embedding with a ``fit(train)`` method
+and an ``is_fitted`` property (:class:`PCAProjection`) is fitted on the training inputs by
+``KnnSigma.fit``; from YAML: ``model.sigma.init_args.embedding: {class_path:
+lightning_idrs.embeddings.PCAProjection, init_args: {dim: 20}}``.
 """
-import math
-
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["OrthonormalProjection", "embedding_lipschitz"]
+from lightning_idrs.configurable import Configurable
+from lightning_idrs.validation import PositiveFloat, PositiveInt, check
+
+__all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embedding_lipschitz"]
 
 
 def embedding_lipschitz(embedding, declared=None):
@@ -23,24 +27,24 @@ def embedding_lipschitz(embedding, declared=None):
     Returns None when nothing is declared (a learned phi without a bound).
     """
     if declared is not None:
-        return _positive_finite(declared, "embedding_lipschitz")
+        return check(PositiveFloat, declared, "embedding_lipschitz")
     if embedding is None:
         return 1.0
     value = getattr(embedding, "lipschitz_constant", None)
-    return None if value is None else _positive_finite(value, "embedding.lipschitz_constant")
+    return None if value is None else check(PositiveFloat, value, "embedding.lipschitz_constant")
 
 
-def _positive_finite(value, name):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
+class Embedding(Configurable, nn.Module):
+    """Base class of embeddings that a config can name (``model.sigma.init_args.embedding``).
+
+    ``forward`` maps [B, ...] to [B, D']; set ``lipschitz_constant`` (l2 to l2) so that certification
+    can use r * Lip(phi). In Python any callable works (``KnnSigma(embedding=...)``).
+    """
+
+    lipschitz_constant = None
 
 
-class OrthonormalProjection(nn.Module):
+class OrthonormalProjection(Embedding):
     """phi(x) = P flatten(x) with orthonormal rows (P P^T = I), hence ||phi(x) - phi(y)|| <= ||x - y||.
 
     Lip(phi) = 1. The rows are checked to be orthonormal to ``atol`` and then made orthonormal to
@@ -108,7 +112,7 @@ class OrthonormalProjection(nn.Module):
         """
         x = torch.as_tensor(train).detach().reshape(len(train), -1)
         n, d = x.shape
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= min(n, d):
+        if check(PositiveInt, dim, "dim") > min(n, d):
             raise ValueError(f"dim must be an integer in [1, min(n, D)] = [1, {min(n, d)}], got {dim!r}")
         mean = torch.zeros(d, dtype=torch.float64)
         for i in range(0, n, batch_size):
@@ -138,3 +142,24 @@ class OrthonormalProjection(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, lipschitz_constant=1"
+
+
+class PCAProjection(OrthonormalProjection):
+    """The top ``dim`` principal directions of the training inputs, learnt by ``fit`` (Lip(phi) = 1).
+
+    ``KnnSigma.fit`` calls ``fit(train)`` once; the components are then a buffer saved with the model,
+    so a loaded checkpoint does not recompute them.
+    """
+
+    def __init__(self, dim: PositiveInt = 32):
+        super().__init__()
+        self.dim = check(PositiveInt, dim, "dim")
+
+    @property
+    def is_fitted(self):
+        return self.components.numel() > 0
+
+    def fit(self, train):
+        fitted = OrthonormalProjection.from_pca(train, self.dim)
+        self.components = fitted.components.to(self.components.device)
+        return self

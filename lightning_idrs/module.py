@@ -2,10 +2,10 @@
 
 Training (Cohen et al. 2019, Sec. 4; Sukenik et al. 2022, Sec. 5): x_noisy = x + sigma(x) * eps,
 eps ~ N(0, I), one sigma per image, fresh eps every step, noise added in pixel space (the data
-normalisation is the model's first layer). Training points use their own sigma with themselves
-excluded from their neighbours (cached once; see ``KnnSigma.training_sigma``).
+normalisation is the model's first layer). Training points use ``sigma.training_sigma`` (the kNN
+sigma excludes each point from its own neighbours). The noise is drawn by
+:func:`lightning_idrs.smoothing.add_noise`, the same function certification uses.
 """
-from __future__ import annotations
 
 import math
 from typing import Optional
@@ -18,19 +18,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_idrs.models import build_model
-from lightning_idrs.sigma import ConstantSigma, KnnSigma
+from lightning_idrs.sigma import KnnSigma, Sigma
+from lightning_idrs.smoothing import add_noise
 
-SIGMA_KINDS = ("knn", "constant")
+#: The checkpoint entry with what certification needs besides the weights (read by lightning_idrs.checkpoint).
 CHECKPOINT_KEY = "lightning_idrs"
-
-
-def build_sigma(kind: str, sigma_base: float, semi_elasticity: float, k: int, m: Optional[float]):
-    """sigma(x): ``knn`` = sigma_b exp(r (mean kNN distance - m)) (PAPER.md sec. 3), ``constant`` = sigma_b."""
-    if kind == "knn":
-        return KnnSigma(sigma_base, semi_elasticity, k, m)
-    if kind == "constant":
-        return ConstantSigma(sigma_base)
-    raise ValueError(f"sigma must be one of {SIGMA_KINDS}, got {kind!r}")
+_PROBE = 16  # training inputs whose sigma is compared across DDP ranks
 
 
 class IDRSClassifier(pl.LightningModule):
@@ -38,11 +31,8 @@ class IDRSClassifier(pl.LightningModule):
 
     Args:
         arch: model name for :func:`lightning_idrs.models.build_model`.
-        sigma: ``"knn"`` (IDRS) or ``"constant"`` (RS, Cohen et al.).
-        sigma_base: sigma_b > 0.
-        semi_elasticity: r >= 0 of the kNN sigma (ignored for ``constant``).
-        k: number of nearest training points for the kNN sigma.
-        m: normalisation constant; None = mean kNN distance over the training set.
+        sigma: the noise level sigma(x), any :class:`lightning_idrs.sigma.Sigma` (``class_path`` in
+            YAML): ``KnnSigma`` (IDRS, the default with its default arguments) or ``ConstantSigma`` (RS).
         input_shape, num_classes, mean, std: linked from the datamodule by the CLI.
         optimizer, lr_scheduler: callables from the config (``model.optimizer.class_path``, ...);
             default Adam(lr=1e-3) and no schedule.
@@ -51,11 +41,7 @@ class IDRSClassifier(pl.LightningModule):
     def __init__(
         self,
         arch: str = "small_cnn",
-        sigma: str = "knn",
-        sigma_base: float = 0.25,
-        semi_elasticity: float = 0.1,
-        k: int = 20,
-        m: Optional[float] = None,
+        sigma: Optional[Sigma] = None,
         input_shape: tuple[int, ...] = (1, 8, 8),
         num_classes: int = 10,
         mean: tuple[float, ...] = (0.0,),
@@ -64,9 +50,12 @@ class IDRSClassifier(pl.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
         super().__init__()
+        self.sigma = KnnSigma() if sigma is None else sigma
+        if not isinstance(self.sigma, Sigma):
+            raise ValueError(f"sigma must be a lightning_idrs.sigma.Sigma, got {type(sigma).__name__}")
+        sigma = self.sigma.config  # the hyper-parameter is class_path + init_args, never the module itself
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = build_model(arch, tuple(input_shape), num_classes, tuple(mean), tuple(std))
-        self.sigma = build_sigma(sigma, sigma_base, semi_elasticity, k, m)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.data_fingerprint: Optional[str] = None
         self.dataset_name: Optional[str] = None
@@ -86,7 +75,7 @@ class IDRSClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ sigma(x) and the data
     def setup(self, stage: str) -> None:
-        """Fit sigma's kNN index on the datamodule's clean training set before the first batch."""
+        """Fit sigma on the datamodule's clean training set before the first batch."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None:
             self.attach_data(datamodule)
@@ -112,30 +101,30 @@ class IDRSClassifier(pl.LightningModule):
             self.sigma.fit(datamodule.train_inputs())
 
     def on_fit_start(self) -> None:
-        """Under DDP, check that sigma(x) is identical on every rank (same index, same m)."""
-        if isinstance(self.sigma, KnnSigma):
-            digest = self._sigma_digest()
-            gathered = self.all_gather(digest)
-            if gathered.dim() > digest.dim() and not torch.equal(gathered, digest.expand_as(gathered)):
-                raise RuntimeError(f"sigma(x) differs across ranks: digests {gathered.tolist()}")
-            ranks = gathered.shape[0] if gathered.dim() > digest.dim() else 1
-            rank_zero_info(f"lightning_idrs: sigma(x) identical on {ranks} rank(s), digest {digest.tolist()}")
+        """Under DDP, check that sigma(x) is identical on every rank (same fit, same state)."""
+        if not hasattr(getattr(self.trainer, "datamodule", None), "split_dataset"):
+            return  # trained from plain dataloaders: nothing to probe sigma with
+        digest = self._sigma_digest()
+        gathered = self.all_gather(digest)
+        if gathered.dim() > digest.dim() and not torch.equal(gathered, digest.expand_as(gathered)):
+            raise RuntimeError(f"sigma(x) differs across ranks: digests {gathered.tolist()}")
+        ranks = gathered.shape[0] if gathered.dim() > digest.dim() else 1
+        rank_zero_info(f"lightning_idrs: sigma(x) identical on {ranks} rank(s), digest {digest.tolist()}")
 
     def _sigma_digest(self) -> torch.Tensor:
-        """A few numbers that differ when the index, m or the training sigmas differ."""
-        index = torch.arange(self.sigma.k + 1, device=self.device)  # fit guarantees n > k
-        values = self.sigma.training_sigma(None, index).double().to(self.device)
-        m = torch.tensor(float(self.sigma.m), dtype=torch.float64, device=self.device)
-        return torch.stack([values.sum(), (values**2).sum(), m])
+        """A few numbers that differ when sigma(x) differs: sums over the first training inputs."""
+        train = self.trainer.datamodule.split_dataset("train")
+        count = min(_PROBE, len(train))
+        x = torch.stack([train[i][0] for i in range(count)]).to(self.device)
+        with torch.no_grad():
+            values = torch.cat([self.sigma(x), self.sigma.training_sigma(x, torch.arange(count, device=self.device))])
+        values = values.double().to(self.device)
+        return torch.stack([values.sum(), (values**2).sum()])
 
     # ------------------------------------------------------------------ steps
-    def add_noise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x + sigma_i * eps_i, one sigma per image."""
-        return x + sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * torch.randn_like(x)
-
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
-        logits = self.model(self.add_noise(x, self.sigma.training_sigma(x, idx)))
+        logits = self.model(add_noise(x, self.sigma.training_sigma(x, idx)))
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
@@ -146,7 +135,7 @@ class IDRSClassifier(pl.LightningModule):
         """Accuracy on clean inputs and on inputs with noise sigma(x) (the full index, no exclusion)."""
         x, y = batch[0], batch[1]
         clean = self.model(x)
-        noisy = self.model(self.add_noise(x, self.sigma(x)))
+        noisy = self.model(add_noise(x, self.sigma(x)))
         self.eval_acc[f"{stage}_clean"](clean, y)
         self.eval_acc[f"{stage}_noisy"](noisy, y)
         self.log(f"{stage}/loss", F.cross_entropy(noisy, y), sync_dist=True)
@@ -167,18 +156,25 @@ class IDRSClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
 
     # ------------------------------------------------------------------ checkpoint
+    def get_extra_state(self) -> dict:
+        """The identity of the training data sigma was fitted on (saved in the state dict)."""
+        return {"dataset": self.dataset_name, "data_fingerprint": self.data_fingerprint}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.dataset_name, self.data_fingerprint = state["dataset"], state["data_fingerprint"]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Store what certification needs besides the weights: data identity, N, sigma settings."""
+        """Describe the checkpoint for certification and for people (``lightning_idrs.checkpoint`` reads it)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint[CHECKPOINT_KEY] = {
+            "version": 2,
             "dataset": self.dataset_name,
             "data_fingerprint": self.data_fingerprint,
             "input_shape": list(self.hparams.input_shape),
             "dim": self.input_dim,
             "sigma": self.hparams.sigma,
-            "sigma_base": float(self.hparams.sigma_base),
+            "sigma_label": self.sigma.label,
             "semi_elasticity": self._certified_semi_elasticity(),
-            "m": None if self.sigma.m is None else float(self.sigma.m),
             "datamodule_class": None if datamodule is None else f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
         }
 
@@ -188,9 +184,3 @@ class IDRSClassifier(pl.LightningModule):
             return float(self.sigma.semi_elasticity)
         except ValueError:
             return None
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        info = checkpoint.get(CHECKPOINT_KEY)
-        if info is None:
-            raise ValueError("not a lightning_idrs checkpoint (no 'lightning_idrs' entry)")
-        self.data_fingerprint, self.dataset_name = info["data_fingerprint"], info["dataset"]

@@ -1,10 +1,10 @@
 """Certified l2 radii for Gaussian smoothing with constant (RS) or input-dependent (IDRS) noise.
 
-NumPy / SciPy only: no torch, no Lightning. Notation follows ``PAPER.md`` (Sukenik et al., ICML 2022).
+NumPy / SciPy only: no torch, no Lightning. Notation follows docs/math.md (after Sukenik et al., ICML 2022).
 
 Cohen et al. (2019), constant sigma:  R = sigma * Phi^{-1}(pA_lower).
 
-IDRS (PAPER.md section 2). With pB = 1 - pA_lower at x0, sigma0 = sigma(x0), an adversary x1 at
+IDRS (docs/math.md, "the IDRS radius"). With pB = 1 - pA_lower at x0, sigma0 = sigma(x0), an adversary x1 at
 distance R smoothed with sigma1 can raise the probability of the runner-up set B to at most
 
     xi_>(R) = F( (sigma0^2/sigma1^2) F^{-1}(pB; N, lam0); N, lam1 )            sigma1 < sigma0
@@ -106,7 +106,7 @@ def cohen_radius(p_a_lower, sigma) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# the worst case of PAPER.md section 2
+# the worst case (docs/math.md, "the IDRS radius")
 # --------------------------------------------------------------------------------------------
 def _noncentralities(ratio, distance):
     """lam0, lam1 for sigma0 = 1, sigma1 = ratio, ||x1 - x0|| = distance (distance in sigma0 units)."""
@@ -116,7 +116,7 @@ def _noncentralities(ratio, distance):
 
 
 def worst_case_probability(p_b, sigma0, sigma1, distance, dim) -> np.ndarray:
-    """Largest probability of the runner-up set at x1 (xi of PAPER.md section 2), broadcasting.
+    """Largest probability of the runner-up set at x1 (xi of docs/math.md), broadcasting.
 
     Direct transcription of xi_> (sigma1 < sigma0), xi_< (sigma1 > sigma0) and Cohen's
     Phi(Phi^{-1}(pB) + R/sigma0) (sigma1 == sigma0). Meant for inspection and tests; the radius
@@ -258,7 +258,7 @@ def certified_radius(p_a_lower, sigma, semi_elasticity=0.0, dim=None) -> np.ndar
     Returns:
         0 where p_a_lower <= 1/2; Cohen's sigma * Phi^{-1}(p_a_lower) where r == 0; otherwise the
         IDRS radius sup{R : xi(R) < 1/2} over both ends sigma0 e^{-rR}, sigma0 e^{rR}
-        (PAPER.md section 2), computed conservatively (see the module docstring). inf where
+        (docs/math.md), computed conservatively (see the module docstring). inf where
         p_a_lower == 1 (then pB = 0 under every Gaussian).
     """
     p = _check_probability(p_a_lower, "p_a_lower")

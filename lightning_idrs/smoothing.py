@@ -1,12 +1,20 @@
 """Monte Carlo prediction and certification of a smoothed classifier (Cohen et al., 2019, Alg. 1-2).
 
-g(x) = argmax_c P(f(x + sigma(x) * eps) = c), eps ~ N(0, I): one sigma per input, the same for
-all of its noise samples (PAPER.md section 2). With a constant sigma this is Cohen et al.'s RS.
+g(x) = argmax_c P(f(x + sigma(x) * eps) = c), eps ~ N(0, I): one sigma per input, the same for all
+of its noise samples (docs/math.md). With a constant sigma this is Cohen et al.'s RS.
+
+* :func:`add_noise` draws x + sigma(x) * eps: the one noise path of training, validation and
+  certification.
+* :class:`SmoothedClassifier` runs CERTIFY / PREDICT on a batch of inputs at once.
+* :func:`certify_chunks` certifies points of a data set in fixed chunks, chunk c with noise seeded
+  from (seed, c), so the results do not depend on which process certifies which chunk, nor on
+  interruptions. The ``certify`` command and the certification Callback both use it.
 """
-from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -14,8 +22,51 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
+from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
 ABSTAIN = -1
+
+__all__ = ["ABSTAIN", "CertifySettings", "Certificates", "CertifiedChunk", "SmoothedClassifier", "add_noise",
+           "certify_chunks", "chunk_seed", "clopper_pearson_lower", "plan_chunks"]
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x + sigma_i * eps_i with eps_i ~ N(0, I): one noise level per input of the batch ``x`` [B, ...]."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + sigma.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * noise
+
+
+def clopper_pearson_lower(successes, trials, alpha) -> np.ndarray:
+    """One-sided (1 - alpha) lower confidence bound on a binomial proportion: Beta(alpha; k, n-k+1)."""
+    successes = np.asarray(successes, dtype=np.float64)
+    bound = stats.beta.ppf(alpha, np.maximum(successes, 1e-300), trials - successes + 1)
+    return np.where(successes > 0, bound, 0.0)
+
+
+@dataclass
+class CertifySettings:
+    """How each point is certified: Cohen et al.'s CERTIFY and the noise stream (rows depend on all of it).
+
+    Args:
+        n0: noise samples to select the top class (Cohen et al.: 100).
+        n: noise samples to estimate pA (Cohen et al.: 100,000).
+        alpha: failure probability of each certificate, in (0, 1) (Cohen et al.: 0.001).
+        batch_size: noisy samples per forward pass (part of the noise stream: a rerun must keep it).
+        seed: seed of the noise; chunk c uses a generator seeded from (seed, c).
+        points_per_chunk: consecutive points certified together in one vectorised call.
+    """
+
+    n0: PositiveInt = 100
+    n: PositiveInt = 100_000
+    alpha: OpenUnitInterval = 0.001
+    batch_size: PositiveInt = 1000
+    seed: NonNegativeInt = 0
+    points_per_chunk: PositiveInt = 10
+
+    def __post_init__(self):
+        for name, kind in (("n0", PositiveInt), ("n", PositiveInt), ("alpha", OpenUnitInterval),
+                           ("batch_size", PositiveInt), ("seed", NonNegativeInt), ("points_per_chunk", PositiveInt)):
+            setattr(self, name, check(kind, getattr(self, name), name))
 
 
 @dataclass
@@ -32,41 +83,21 @@ class Certificates:
         return (self.prediction == np.asarray(labels)).astype(np.int64)
 
 
-def clopper_pearson_lower(successes, trials, alpha) -> np.ndarray:
-    """One-sided (1 - alpha) lower confidence bound on a binomial proportion: Beta(alpha; k, n-k+1)."""
-    successes = np.asarray(successes, dtype=np.float64)
-    bound = stats.beta.ppf(alpha, np.maximum(successes, 1e-300), trials - successes + 1)
-    return np.where(successes > 0, bound, 0.0)
-
-
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def check_alpha(alpha) -> float:
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    return float(alpha)
-
-
 class SmoothedClassifier:
     """Gaussian smoothing of ``base_classifier`` with per-input noise level ``sigma(x)``.
 
     Args:
         base_classifier: maps a batch [B, *input_shape] (pixel space) to logits [B, num_classes].
-        sigma: callable mapping a batch to one sigma per input ([B] tensor), with attribute
-            ``semi_elasticity`` (r such that log sigma is r-Lipschitz; 0 for a constant sigma).
+        sigma: a :class:`lightning_idrs.sigma.Sigma` (any callable mapping a batch to one sigma per
+            input, [B], with attribute ``semi_elasticity``).
         num_classes: number of classes of the base classifier.
     """
 
     def __init__(self, base_classifier: nn.Module, sigma, num_classes: int):
         self.base_classifier = base_classifier
         self.sigma = sigma
-        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.num_classes = check(PositiveInt, num_classes, "num_classes")
 
-    # ------------------------------------------------------------------ public algorithms
     def certify(self, x, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> Certificates:
         """CERTIFY for every input of the batch ``x`` at once.
 
@@ -74,9 +105,8 @@ class SmoothedClassifier:
         pA_lower = Beta(alpha; nA, n - nA + 1). Abstain if pA_lower < 1/2, else return cA and the
         radius ``certified_radius(pA_lower, sigma(x), r, N)`` (IDRS, or Cohen's for r = 0).
         """
-        n0, n = check_positive_int(n0, "n0"), check_positive_int(n, "n")
-        alpha = check_alpha(alpha)
-        batch_size = check_positive_int(batch_size, "batch_size")
+        n0, n, batch_size = (check(PositiveInt, v, name) for v, name in ((n0, "n0"), (n, "n"), (batch_size, "batch_size")))
+        alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
         r = float(self.sigma.semi_elasticity)  # raises if the sigma function cannot be certified
         sigma = self._sigmas(x)
@@ -94,9 +124,8 @@ class SmoothedClassifier:
     def predict(self, x, n: int, alpha: float, batch_size: int, generator=None) -> np.ndarray:
         """PREDICT: top two counts nA, nB of n samples; abstain (-1) unless the two-sided binomial
         test of nA ~ Bin(nA + nB, 1/2) rejects at level alpha."""
-        n = check_positive_int(n, "n")
-        alpha = check_alpha(alpha)
-        batch_size = check_positive_int(batch_size, "batch_size")
+        n, batch_size = check(PositiveInt, n, "n"), check(PositiveInt, batch_size, "batch_size")
+        alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
         counts = self._sample_counts(x, self._sigmas(x), n, batch_size, generator)
         top2 = counts.topk(min(2, self.num_classes), dim=1)
@@ -140,12 +169,48 @@ class SmoothedClassifier:
             total = x.shape[0] * num
             for start in range(0, total, batch_size):
                 owner = torch.arange(start, min(start + batch_size, total), device=x.device) // num
-                clean = x[owner]
-                noise = torch.randn(clean.shape, generator=generator, device=x.device, dtype=x.dtype)
-                scale = sigma[owner].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-                predictions = base(clean + scale * noise).argmax(dim=1)
+                predictions = base(add_noise(x[owner], sigma[owner], generator)).argmax(dim=1)
                 counts.index_put_((owner, predictions), torch.ones_like(predictions), accumulate=True)
             return counts
         finally:
             if isinstance(base, nn.Module):
                 base.train(was_training)
+
+
+# ---------------------------------------------------------------------------------- data sets
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A 63-bit generator seed for chunk ``chunk`` of a run with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def plan_chunks(indices, points_per_chunk: int) -> list:
+    """``[(c, indices[c*size:(c+1)*size])]``: the fixed chunks that :func:`certify_chunks` seeds by c."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return [(c, indices[i:i + points_per_chunk]) for c, i in enumerate(range(0, len(indices), points_per_chunk))]
+
+
+@dataclass
+class CertifiedChunk:
+    """One chunk's results: dataset indices, labels, certificates and the wall time per point."""
+
+    chunk: int
+    indices: np.ndarray
+    labels: np.ndarray
+    certificates: Certificates
+    seconds_per_point: float
+
+
+def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, settings: CertifySettings,
+                   device) -> Iterator[CertifiedChunk]:
+    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``."""
+    device = torch.device(device)
+    for c, indices in chunks:
+        items = [dataset[int(i)] for i in indices]
+        x = torch.stack([item[0] for item in items]).to(device)
+        labels = np.asarray([int(item[1]) for item in items], dtype=np.int64)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(settings.seed, c))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size, generator)
+        seconds = (time.perf_counter() - start) / len(indices)
+        yield CertifiedChunk(c, np.asarray(indices), labels, certificates, seconds)

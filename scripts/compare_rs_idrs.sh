@@ -7,11 +7,12 @@ set -euo pipefail
 data=${1:-digits}
 out=${2:-runs/${data}_compare}
 shift $(( $# > 2 ? 2 : $# )) || true
-here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 
 for kind in rs idrs; do
-  python -m lightning_idrs fit --config "$here/configs/${data}_${kind}.yaml" \
+  configs=(--config "$data")
+  [ "$kind" = rs ] && configs+=(--config rs)   # the packaged RS override keeps the data set's sigma_b
+  python -m lightning_idrs fit "${configs[@]}" \
       --trainer.default_root_dir "$out/$kind" ${FIT_ARGS:-} | tee "$out/$kind.fit.log"
   ckpt=$(sed -n 's/^best checkpoint: //p' "$out/$kind.fit.log" | tail -n 1)
   compare=()

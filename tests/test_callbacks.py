@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_idrs.callbacks import CertificationCallback, stratified_subset
-from lightning_idrs.cli import cli_main
+from lightning_idrs.commands.trainer import cli_main
 
 FAST = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false"]
@@ -62,8 +62,15 @@ def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypa
     assert np.all((accuracy >= 0) & (accuracy <= 1)) and np.all(np.diff(accuracy) <= 0)
 
 
-@pytest.mark.parametrize("kwargs, word", [(dict(alpha=1.5), "alpha"), (dict(n=0), "n"),
-                                          (dict(num_points=0), "num_points"), (dict(every_n_epochs=0), "every_n")])
-def test_bad_settings_are_refused(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(alpha=1.5), r"^alpha must be a number in \(0, 1\), got 1\.5$"),
+    (dict(n=0), "^n must be an integer >= 1, got 0$"),
+    (dict(n0=2.5), r"^n0 must be an integer >= 1, got 2\.5$"),
+    (dict(num_points=0), "^num_points must be an integer >= 1, got 0$"),
+    (dict(every_n_epochs=0), "^every_n_epochs must be an integer >= 1, got 0$"),
+    (dict(radii=[]), r"^radii must hold at least one radius \(or be null\)$"),
+    (dict(radii=[0.5, -1.0]), r"^radii must be a finite number >= 0, got -1\.0$"),
+])
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         CertificationCallback(**kwargs)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_idrs.certify import main
-from lightning_idrs.cli import cli_main
+from lightning_idrs.commands.certify import main
+from lightning_idrs.commands.trainer import cli_main
 from lightning_idrs.data import DigitsDataModule
 from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.radius import certified_radius, cohen_radius
-from lightning_idrs.results import PLOT_NAME, SUMMARY_NAME, TSV_HEADER, TSV_NAME, read_summary, read_tsv
+from lightning_idrs.reporting import PLOT_NAME, SUMMARY_NAME, read_summary
+from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
@@ -65,7 +66,8 @@ def test_outputs_radii_and_summary_agree(reference, checkpoint):
     assert sigma.std() > 0
     r, dim = summary["semi_elasticity"], summary["dim"]
     assert r == model.sigma.r * model.sigma.lipschitz_constant == 0.2 and dim == 64
-    assert (summary["sigma_base"], summary["alpha"], summary["n0"], summary["n"]) == (0.25, 0.001, 10, 200)
+    assert summary["sigma"]["init_args"]["sigma_base"] == 0.25 and summary["sigma_label"] == model.sigma.label
+    assert (summary["alpha"], summary["n0"], summary["n"]) == (0.001, 10, 200)
 
     # rows: abstain iff pA_lower < 1/2 (predict -1, radius 0, incorrect); radius = IDRS radius < Cohen's
     abstain = tsv["predict"] == -1

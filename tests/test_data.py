@@ -40,7 +40,6 @@ def test_digits_attributes_before_setup():
     assert dm.input_shape == (1, 8, 8)
     assert dm.num_classes == 10
     assert len(dm.mean) == len(dm.std) == 1
-    assert dm._splits is None  # nothing loaded yet
 
 
 def test_digits_mean_std_match_data(digits):
@@ -128,7 +127,7 @@ def test_digits_val_test_loaders(digits):
 
 
 def test_digits_unknown_split(digits):
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ValueError, match="^unknown split 'bogus'; expected one of train, val, test$"):
         digits.split_dataset("bogus")
 
 
@@ -149,10 +148,12 @@ def test_hparams_recorded():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^batch_size must be an integer >= 1, got 0$"):
         DigitsDataModule(batch_size=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^val_fraction \+ test_fraction must be < 1, got 0\.5 \+ 0\.5$"):
         DigitsDataModule(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match=r"^num_workers must be an integer >= 0, got -1$"):
+        DigitsDataModule(num_workers=-1)
 
 
 # ----------------------------------------------------------------------------- fake MNIST

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_idrs.cli import DEFAULT_CONFIG, cli_main
+from lightning_idrs import IDRSClassifier, KnnSigma, add_noise, load_checkpoint
+from lightning_idrs.commands import main
+from lightning_idrs.commands.trainer import CONFIGS, DEFAULT_CONFIG, cli_main
 from lightning_idrs.data import DigitsDataModule, MNISTDataModule
-from lightning_idrs.module import IDRSClassifier
-from lightning_idrs.sigma import KnnSigma
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -40,9 +40,12 @@ def test_fit_end_to_end_checkpoint_reloads_identical_sigma_and_predictions(tmp_p
     assert loaded.sigma(x).std() > 0  # the IDRS sigma really depends on x
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained.cpu()(x))
-    info = torch.load(path, map_location="cpu", weights_only=False)["lightning_idrs"]
+    loaded = load_checkpoint(path)  # the one loader: safe unpickler, data module rebuilt, sigma fitted
+    info = loaded.metadata
     assert info["dim"] == 64 and info["input_shape"] == [1, 8, 8] and info["dataset"] == "digits"
-    assert info["data_fingerprint"] == datamodule.fingerprint()
+    assert info["data_fingerprint"] == datamodule.fingerprint() == loaded.datamodule.fingerprint()
+    assert info["sigma"]["class_path"] == "lightning_idrs.sigma.KnnSigma" and info["semi_elasticity"] == 0.2
+    torch.testing.assert_close(loaded.model.sigma(x), trained.sigma(x), rtol=0, atol=0)
 
 
 def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path):
@@ -58,13 +61,13 @@ def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path
     checkpoint = (tmp_path / line.split(": ", 1)[1]).resolve()
     assert checkpoint.is_file() and tmp_path in checkpoint.parents
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B must run offline inside the run folder"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     noisy_acc = state["callbacks"][next(k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]
     assert noisy_acc > 0.8, f"smoothed (noisy) validation accuracy {noisy_acc:.3f} after 8 epochs"
 
 
 def test_noise_is_per_input_and_scales_with_sigma():
-    module = IDRSClassifier(sigma="knn", semi_elasticity=2.0, k=3)
+    module = IDRSClassifier(sigma=KnnSigma(0.25, 2.0, k=3))
     rng = torch.Generator().manual_seed(0)
     train = torch.rand(40, 1, 8, 8, generator=rng)
     train[:20] *= 0.1  # a dense cluster and a spread-out one: very different kNN distances
@@ -73,17 +76,17 @@ def test_noise_is_per_input_and_scales_with_sigma():
     assert sigma.max() / sigma.min() > 1.5
     x = train.repeat_interleave(50, dim=0)
     torch.manual_seed(0)
-    noise = module.add_noise(x, sigma.repeat_interleave(50)) - x
+    noise = add_noise(x, sigma.repeat_interleave(50)) - x
     per_image_std = noise.flatten(1).std(dim=1).reshape(40, 50).mean(dim=1)
     torch.testing.assert_close(per_image_std, sigma, rtol=0.05, atol=0)  # 4 standard errors
 
 
-def test_training_step_uses_each_training_points_own_sigma():
-    module = IDRSClassifier(sigma="knn", semi_elasticity=2.0, k=3)
+def test_training_step_uses_each_training_points_own_sigma(monkeypatch):
+    module = IDRSClassifier(sigma=KnnSigma(0.25, 2.0, k=3))
     train = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     module.sigma.fit(train)
     seen = []
-    module.add_noise = lambda x, s: (seen.append(s), x)[1]
+    monkeypatch.setattr("lightning_idrs.module.add_noise", lambda x, s: (seen.append(s), x)[1])
     idx = torch.tensor([3, 17, 5])
     module.training_step((train[idx], torch.tensor([0, 1, 2]), idx), 0)
     torch.testing.assert_close(seen[0], module.sigma.training_sigma(None, idx))
@@ -109,16 +112,18 @@ def test_ddp_two_cpu_processes_share_sigma_and_train(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_unknown_config_key_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as error:
-        fit(tmp_path, "--model.sigma_bse", "0.3")
-    assert error.value.code != 0
-    assert "sigma_bse" in capsys.readouterr().err
-
-
-def test_non_positive_sigma_base_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="sigma_base"):
-        fit(tmp_path, "--model.sigma_base", "0")
+@pytest.mark.parametrize("flags, message", [
+    (["--model.sigma_bse", "0.3"], "error: "),
+    (["--model.sigma.sigma_base", "0"], "error: --model.sigma.sigma_base must be a finite number > 0, got 0"),
+    (["--model.sigma.k", "2.5"], "error: --model.sigma.k must be an integer >= 1, got 2.5"),
+    (["--model.sigma.semi_elasticity", "-1"], "error: --model.sigma.semi_elasticity must be a finite number >= 0, got -1"),
+])
+def test_bad_options_are_one_error_line(tmp_path, capsys, flags, message):
+    code = main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(message), err
+    assert not list(tmp_path.iterdir()), "nothing may be written for a bad option"
 
 
 def test_missing_data_root_says_how_to_get_the_data(tmp_path):
@@ -136,26 +141,23 @@ def test_checkpoint_for_other_data_is_refused(tmp_path):
         loaded.attach_data(MNISTDataModule(root=str(tmp_path)))
 
 
-def test_repository_configs_parse_and_default_matches_the_packaged_one():
-    assert (REPO / "configs" / "digits_idrs.yaml").read_text() == DEFAULT_CONFIG.read_text()
-    names = {"digits_idrs", "digits_rs", "mnist_idrs", "mnist_rs", "cifar10_idrs", "cifar10_rs"}
-    assert names <= {p.stem for p in (REPO / "configs").glob("*.yaml")}
-    for name in names:
-        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
-        assert config["model"]["sigma"] == ("knn" if name.endswith("idrs") else "constant")
-    for data in ("mnist", "cifar10", "digits"):
-        idrs = yaml.safe_load((REPO / "configs" / f"{data}_idrs.yaml").read_text())["model"]
-        rs = yaml.safe_load((REPO / "configs" / f"{data}_rs.yaml").read_text())["model"]
-        assert idrs["sigma_base"] == rs["sigma_base"], "RS must use the same sigma_b as IDRS"
-
-
-@pytest.mark.parametrize("name", ["digits_rs", "mnist_idrs", "cifar10_rs"])
-def test_repository_configs_are_accepted_by_the_cli(name, capsys):
+def printed_config(capsys, *configs):
     with pytest.raises(SystemExit) as done:
-        cli_main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--print_config"])
+        cli_main(["fit", *(f"--config={name}" for name in configs), "--print_config"])
     assert done.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["sigma"] == ("knn" if name.endswith("idrs") else "constant")
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("data, arch", [("digits", "small_cnn"), ("mnist", "lenet"), ("cifar10", "resnet20")])
+def test_packaged_configs_by_name_and_rs_keeps_the_data_sets_sigma_b(capsys, data, arch):
+    assert DEFAULT_CONFIG == CONFIGS / "digits.yaml"
+    idrs = printed_config(capsys, data)
+    rs = printed_config(capsys, data, "rs")
+    assert idrs["model"]["arch"] == rs["model"]["arch"] == arch
+    assert idrs["model"]["sigma"]["class_path"] == "lightning_idrs.sigma.KnnSigma"
+    assert rs["model"]["sigma"]["class_path"] == "lightning_idrs.sigma.ConstantSigma"
+    assert rs["model"]["sigma"]["init_args"]["sigma_base"] == idrs["model"]["sigma"]["init_args"]["sigma_base"]
+    assert printed_config(capsys, str(CONFIGS / f"{data}.yaml")) == idrs  # a path works as well as a name
 
 
 def test_test_subcommand_evaluates_a_checkpoint_clean_and_noisy(tmp_path):
@@ -165,3 +167,15 @@ def test_test_subcommand_evaluates_a_checkpoint_clean_and_noisy(tmp_path):
                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
     metrics = tested.trainer.callback_metrics
     assert 0.5 < float(metrics["test/clean_acc"]) <= 1 and 0.3 < float(metrics["test/noisy_acc"]) <= 1
+
+
+def test_embedding_and_index_options_are_reachable_from_the_command_line(tmp_path):
+    cli = fit(tmp_path, "--trainer.max_epochs", "1", "--model.sigma.embedding", "PCAProjection",
+              "--model.sigma.embedding.dim", "12", "--model.sigma.index_factory", "Flat", "--model.sigma.k", "7")
+    sigma = cli.model.sigma
+    assert type(sigma.embedding).__name__ == "PCAProjection" and sigma.embedding.components.shape == (12, 64)
+    assert sigma.k == 7 and sigma.semi_elasticity == 0.2  # Lip(PCA projection) = 1
+    loaded = load_checkpoint(cli.trainer.checkpoint_callback.best_model_path)
+    x = torch.stack([loaded.datamodule.split_dataset("test")[i][0] for i in range(32)])
+    torch.testing.assert_close(loaded.model.sigma.embedding.components, sigma.embedding.components.cpu())
+    torch.testing.assert_close(loaded.model.sigma(x), sigma(x), rtol=0, atol=0)

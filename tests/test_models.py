@@ -84,11 +84,11 @@ def test_state_dict_round_trip_restores_normalization():
 
 
 def test_normalize_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^mean and std must be non-empty per-channel sequences of equal length"):
         Normalize((0.5, 0.5), (0.2,))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^std must be positive, got \(0\.0,\)$"):
         Normalize((0.5,), (0.0,))
-    with pytest.raises(ValueError, match="channel"):
+    with pytest.raises(ValueError, match=r"^mean/std need one value per input channel \(3\), got 1 and 1$"):
         build_model("mlp", (3, 8, 8), 10, (0.5,), (0.2,))
 
 

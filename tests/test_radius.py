@@ -206,15 +206,17 @@ def test_monte_carlo_worst_case_set(dim, ratio):
 @pytest.mark.parametrize(
     "kwargs, word",
     [
-        (dict(p_a_lower=1.2, sigma=0.5), "p_a_lower"),
-        (dict(p_a_lower=-0.1, sigma=0.5), "p_a_lower"),
-        (dict(p_a_lower=np.nan, sigma=0.5), "p_a_lower"),
-        (dict(p_a_lower=0.9, sigma=0.0), "sigma"),
-        (dict(p_a_lower=0.9, sigma=-1.0), "sigma"),
-        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=-0.1, dim=10), "semi_elasticity"),
-        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1), "dim"),
-        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1, dim=0), "dim"),
-        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1, dim=2.5), "dim"),
+        (dict(p_a_lower=1.2, sigma=0.5), r"^p_a_lower must lie in \[0, 1\], got values in \[1\.2, 1\.2\]$"),
+        (dict(p_a_lower=-0.1, sigma=0.5), r"^p_a_lower must lie in \[0, 1\], got values in \[-0\.1, -0\.1\]$"),
+        (dict(p_a_lower=np.nan, sigma=0.5), "^p_a_lower contains NaN$"),
+        (dict(p_a_lower=0.9, sigma=0.0), r"^sigma must be finite and > 0, got min 0\.0$"),
+        (dict(p_a_lower=0.9, sigma=-1.0), r"^sigma must be finite and > 0, got min -1\.0$"),
+        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=-0.1, dim=10),
+         r"^semi_elasticity must be finite and >= 0, got min -0\.1$"),
+        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1),
+         r"^dim \(the input dimension N\) is required when semi_elasticity > 0$"),
+        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1, dim=0), "^dim must be a positive integer, got 0$"),
+        (dict(p_a_lower=0.9, sigma=0.5, semi_elasticity=0.1, dim=2.5), r"^dim must be a positive integer, got 2\.5$"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, word):
@@ -223,7 +225,7 @@ def test_bad_input_names_the_argument(kwargs, word):
 
 
 def test_sigma_ratio_bounds_bad_input():
-    with pytest.raises(ValueError, match="p_b"):
+    with pytest.raises(ValueError, match=r"^p_b must lie in \(0, 1\)$"):
         sigma_ratio_bounds(0.0, 10)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(ValueError, match="^dim must be a positive integer, got "):
         sigma_ratio_bounds(0.1, 0)

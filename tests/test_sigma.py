@@ -1,4 +1,4 @@
-"""Tests for sigma(x) = sigma_b exp(r (d_k(x) - m)) from an exact faiss kNN index (PAPER.md section 3)."""
+"""Tests for sigma(x) = sigma_b exp(r (d_k(x) - m)) from an exact faiss kNN index (docs/math.md)."""
 import io
 import math
 
@@ -76,7 +76,8 @@ def test_self_exclusion_by_index_with_duplicates(copies):
     sigma = KnnSigma(1.0, 1.0, k=4, candidate_margin=4).fit(torch.from_numpy(train))
     idx = np.arange(len(train))
     expected = brute_force_knn_mean(train, train, 4, exclude=idx)
-    np.testing.assert_allclose(sigma._train_dist.numpy(), expected, rtol=1e-5, atol=1e-7)
+    training = sigma.training_sigma(None, torch.from_numpy(idx)).double().numpy()  # sigma_b = r = 1
+    np.testing.assert_allclose(training, np.exp(expected - sigma.m), rtol=1e-6)
     if copies == 40:  # the duplicates of a duplicated point are its neighbours at distance 0
         assert expected[0] == 0.0
         assert sigma.training_sigma(None, torch.tensor([0])).item() == pytest.approx(math.exp(-sigma.m))
@@ -128,7 +129,7 @@ def test_orthonormal_projection_keeps_r(digits):
     x, y = test[:100], test[100:200]
     gap = (sigma(x).double().log() - sigma(y).double().log()).abs()
     assert (gap <= 0.5 * torch.linalg.vector_norm((x - y).reshape(100, -1).double(), dim=1) + 1e-6).all()
-    with pytest.raises(ValueError, match="orthonormal"):
+    with pytest.raises(ValueError, match="components rows are not orthonormal: max"):
         OrthonormalProjection(2 * torch.eye(3))
 
 
@@ -141,17 +142,25 @@ def test_declared_and_undeclared_lipschitz():
     assert KnnSigma(0.5, 0.4, 3, embedding=learned, embedding_lipschitz=3.0).semi_elasticity == pytest.approx(1.2)
     undeclared = KnnSigma(0.5, 0.4, 3, embedding=learned).fit(train)
     assert undeclared(train[:4]).shape == (4,)  # usable for training noise ...
-    with pytest.raises(ValueError, match="Lipschitz"):
+    with pytest.raises(ValueError, match="declares no Lipschitz constant"):
         undeclared.semi_elasticity  # ... but refused for certification
-    with pytest.raises(ValueError, match="approximate"):
+    with pytest.raises(ValueError, match="is an approximate kNN index"):
         KnnSigma(0.5, 0.4, 3, index_factory="IVF4,Flat").fit(torch.rand(200, 8)).semi_elasticity
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(k=0), "k must"), (dict(k=2.5), "k must"), (dict(sigma_base=0.0), "sigma_base must be > 0"),
-    (dict(sigma_base=-1.0), "sigma_base"), (dict(semi_elasticity=-0.1), "semi_elasticity"),
-    (dict(semi_elasticity=float("nan")), "semi_elasticity"), (dict(m=float("inf")), "m must"),
-    (dict(embedding_lipschitz=0.0), "embedding_lipschitz"),
+    (dict(k=0), r"^k must be an integer >= 1, got 0$"),
+    (dict(k=2.5), r"^k must be an integer >= 1, got 2\.5$"),
+    (dict(k="3"), r"^k must be an integer >= 1, got the string '3'$"),
+    (dict(sigma_base=0.0), r"^sigma_base must be a finite number > 0, got 0\.0$"),
+    (dict(sigma_base=-1.0), r"^sigma_base must be a finite number > 0, got -1\.0$"),
+    (dict(sigma_base=None), r"^sigma_base must be a finite number > 0, got None$"),
+    (dict(semi_elasticity=-0.1), r"^semi_elasticity must be a finite number >= 0, got -0\.1$"),
+    (dict(semi_elasticity=float("nan")), r"^semi_elasticity must be a finite number >= 0, got nan$"),
+    (dict(m=float("inf")), r"^m must be a finite number, got inf$"),
+    (dict(embedding_lipschitz=0.0), r"^embedding_lipschitz must be a finite number > 0, got 0\.0$"),
+    (dict(candidate_margin=-1), r"^candidate_margin must be an integer >= 0, got -1$"),
+    (dict(embedding=3), r"^embedding must be callable or None, got int$"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(sigma_base=0.5, semi_elasticity=0.1, k=3) | kwargs
@@ -163,7 +172,7 @@ def test_bad_data():
     train = torch.rand(10, 4)
     with pytest.raises(ValueError, match="k must be smaller than the number of training points"):
         KnnSigma(0.5, 0.1, k=11).fit(train)
-    with pytest.raises(ValueError, match="k must be smaller"):
+    with pytest.raises(ValueError, match="k must be smaller than the number of training points .*got k=10 with 10 training points"):
         KnnSigma(0.5, 0.1, k=10).fit(train)
     for bad in (float("nan"), float("inf")):
         corrupt = train.clone()
@@ -175,11 +184,11 @@ def test_bad_data():
         sigma(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
     with pytest.raises(ValueError, match="x contains NaN or inf"):
         sigma(torch.tensor([[0.0, float("-inf"), 0.0, 0.0]]))
-    with pytest.raises(ValueError, match="features per point"):
+    with pytest.raises(ValueError, match="x has 5 features per point after the embedding, but the index holds 4-dimensional points"):
         sigma(torch.rand(2, 5))
-    with pytest.raises(ValueError, match="ConstantSigma|sigma must be > 0"):
+    with pytest.raises(ValueError, match=r"^sigma_base must be a finite number > 0, got 0\.0$"):
         ConstantSigma(0.0)
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(RuntimeError, match="KnnSigma is not fitted: call fit"):
         KnnSigma(0.5, 0.1, k=3)(train)
 
 
@@ -227,11 +236,11 @@ def test_state_dict_roundtrip_and_fingerprint(digits):
     assert other.fit(train).m == 1.25
     other = KnnSigma(1.0, 0.0, k=3, embedding=OrthonormalProjection())
     Model(other).load_state_dict(state)
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match=r"training set fingerprint [0-9a-f]{16}\.\.\. does not match the fingerprint"):
         other.fit(train[:-1])
     changed = train.clone()
     changed[0, 0, 0] += 1e-3
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match=r"training set fingerprint [0-9a-f]{16}\.\.\. does not match the fingerprint"):
         other.fit(changed)
 
 
@@ -241,7 +250,7 @@ def test_loading_other_state_into_fitted_sigma_drops_stale_index():
     b = KnnSigma(0.5, 0.2, 3).fit(train_b)
     b.load_state_dict(a.state_dict())
     assert not b.is_fitted and b.m == a.m
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match=r"training set fingerprint [0-9a-f]{16}\.\.\. does not match the fingerprint"):
         b.fit(train_b)
     a.load_state_dict(a.state_dict())  # same data, index and phi: stays usable
     assert a.is_fitted
@@ -250,8 +259,8 @@ def test_loading_other_state_into_fitted_sigma_drops_stale_index():
 def test_constant_sigma_interface():
     sigma = ConstantSigma(0.25)
     x = torch.rand(6, 3, 2, 2)
-    assert sigma.fit(x) is sigma and sigma.is_fitted and sigma.fingerprint is None
-    assert sigma.semi_elasticity == 0.0 and sigma.r == 0.0
+    assert sigma.fit(x) is sigma and sigma.is_fitted
+    assert sigma.semi_elasticity == 0.0 and sigma.label == "RS (sigma=0.25)"
     assert torch.equal(sigma(x), torch.full((6,), 0.25))
     assert torch.equal(sigma.training_sigma(x, torch.arange(6)), torch.full((6,), 0.25))
     restored = ConstantSigma(1.0)
@@ -304,5 +313,5 @@ def test_lightning_checkpoint_roundtrip(tmp_path):
     loaded = Model.load_from_checkpoint(tmp_path / "sigma.ckpt", sigma=KnnSigma(1.0, 0.0, 5))
     assert (loaded.sigma.sigma_base, loaded.sigma.r, loaded.sigma.k, loaded.sigma.m) == (0.5, 0.2, 3, model.sigma.m)
     torch.testing.assert_close(loaded.sigma.fit(x)(x), model.sigma(x))
-    with pytest.raises(ValueError, match="fingerprint"):
+    with pytest.raises(ValueError, match=r"training set fingerprint [0-9a-f]{16}\.\.\. does not match the fingerprint"):
         Model.load_from_checkpoint(tmp_path / "sigma.ckpt", sigma=KnnSigma(1.0, 0.0, 5)).sigma.fit(x[:-1])

@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from lightning_idrs import ConstantSigma, SmoothedClassifier, certified_radius
+from lightning_idrs import ConstantSigma, Sigma, SmoothedClassifier, add_noise, certified_radius
 from lightning_idrs.smoothing import ABSTAIN, clopper_pearson_lower
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -24,7 +24,7 @@ class Linear2(nn.Module):
         return torch.stack([-score, score], dim=1)
 
 
-class PerInputSigma(nn.Module):
+class PerInputSigma(Sigma):
     """sigma(x) = first pixel of x (a test double with the sigma-function interface)."""
 
     semi_elasticity = 0.0
@@ -88,8 +88,7 @@ def test_noise_is_per_input_and_batches_mix_inputs():
     x = torch.zeros(3, 1, 20, 20)
     x[:, 0, 0, 0] = torch.tensor([0.0, 0.45, 0.95])  # sigmas 0.05, 0.5, 1.0
     smoothed = SmoothedClassifier(recorder, PerInputSigma(), num_classes=3)
-    counts = smoothed._sample_counts(x, PerInputSigma()(x), 50, 64, torch.Generator().manual_seed(0))
-    assert counts.sum(1).tolist() == [50, 50, 50]
+    smoothed.predict(x, n=50, alpha=0.001, batch_size=64, generator=torch.Generator().manual_seed(0))
     assert [b.shape[0] for b in recorder.batches] == [64, 64, 22]  # full batches across inputs
     samples = torch.cat(recorder.batches).reshape(3, 50, -1)
     noise = samples - x.reshape(3, 1, -1)
@@ -127,31 +126,49 @@ def test_clopper_pearson_matches_the_beta_quantile():
 
 
 @pytest.mark.parametrize(
-    "kwargs, word",
+    "kwargs, message",
     [
-        (dict(n0=0), "n0"),
-        (dict(n=0), "n"),
-        (dict(n=2.5), "n"),
-        (dict(alpha=0.0), "alpha"),
-        (dict(alpha=1.0), "alpha"),
-        (dict(alpha=1.5), "alpha"),
-        (dict(batch_size=0), "batch_size"),
+        (dict(n0=0), r"^n0 must be an integer >= 1, got 0$"),
+        (dict(n=0), r"^n must be an integer >= 1, got 0$"),
+        (dict(n=2.5), r"^n must be an integer >= 1, got 2\.5$"),
+        (dict(n=True), r"^n must be an integer >= 1, got True$"),
+        (dict(alpha=0.0), r"^alpha must be a number in \(0, 1\), got 0\.0$"),
+        (dict(alpha=1.0), r"^alpha must be a number in \(0, 1\), got 1\.0$"),
+        (dict(alpha="0.01"), r"^alpha must be a number in \(0, 1\), got the string '0\.01'$"),
+        (dict(alpha=None), r"^alpha must be a number in \(0, 1\), got None$"),
+        (dict(batch_size=0), r"^batch_size must be an integer >= 1, got 0$"),
     ],
 )
-def test_bad_arguments_name_themselves(kwargs, word):
+def test_bad_arguments_name_themselves(kwargs, message):
     model, x, _ = _linear_problem("cpu")
     smoothed = SmoothedClassifier(model, ConstantSigma(0.5), num_classes=2)
     arguments = dict(n0=10, n=100, alpha=0.01, batch_size=64) | kwargs
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(ValueError, match=message):
         smoothed.certify(x, **arguments)
+
+
+def test_integral_floats_and_numpy_scalars_are_integers_everywhere():
+    model, x, _ = _linear_problem("cpu", margin=1.0)
+    smoothed = SmoothedClassifier(model, ConstantSigma(0.5), num_classes=2)
+    as_ints = smoothed.certify(x, 10, 100, 0.01, 64, torch.Generator().manual_seed(0))
+    as_floats = smoothed.certify(x, 10.0, np.int64(100), np.float64(0.01), 64.0, torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(as_ints.p_a_lower, as_floats.p_a_lower)
+
+
+def test_add_noise_is_one_level_per_input_and_seeded():
+    x = torch.zeros(3, 2, 50, 50)
+    sigma = torch.tensor([0.1, 1.0, 3.0])
+    noisy = add_noise(x, sigma, torch.Generator().manual_seed(5))
+    np.testing.assert_allclose(noisy.flatten(1).std(1).numpy(), sigma.numpy(), rtol=0.05)
+    torch.testing.assert_close(noisy, add_noise(x, sigma, torch.Generator().manual_seed(5)), rtol=0, atol=0)
 
 
 def test_bad_inputs():
     model, x, _ = _linear_problem("cpu")
     smoothed = SmoothedClassifier(model, ConstantSigma(0.5), num_classes=2)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="^x contains NaN or inf$"):
         smoothed.certify(torch.full_like(x, float("nan")), 10, 100, 0.01, 64)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"^x must have shape \[B, \.\.\.\] with B >= 1, got \(6,\)$"):
         smoothed.certify(x[0], 10, 100, 0.01, 64)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"^alpha must be a number in \(0, 1\), got 2\.0$"):
         smoothed.predict(x, 100, 2.0, 64)

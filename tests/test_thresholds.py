@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from lightning_idrs.__main__ import main
+from lightning_idrs.commands import main
 from tests.test_radius import PAPER_TABLE
 
 
@@ -19,15 +19,20 @@ def test_prints_the_papers_table(capsys):
 def test_custom_dimensions_and_bad_p_b(capsys):
     assert main(["thresholds", "--dim", "64", "--p-b", "0.1"]) == 0
     assert "N=64 (64)" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as error:
-        main(["thresholds", "--p-b", "1.5"])
-    assert error.value.code != 0
-    assert "p_b" in capsys.readouterr().err
+    assert main(["thresholds", "--p-b", "1.5"]) == 2
+    assert capsys.readouterr().err == "error: p_b must lie in [0, 1], got values in [1.5, 1.5]\n"
+    assert main(["thresholds", "--dim", "x"]) == 2
+    assert capsys.readouterr().err == "error: argument --dim: invalid int value: 'x'\n"
 
 
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("fit", "certify", "thresholds"))
+    assert all(f"  {command} " in out for command in ("fit", "validate", "test", "certify", "thresholds"))
     assert main([]) == 2  # no command: usage on stderr, failure exit code
     assert "usage" in capsys.readouterr().err
+    assert main(["fitt"]) == 2  # an unknown command lists them all
+    err = capsys.readouterr().err
+    assert "  certify " in err and "  thresholds " in err
+    assert err.strip().splitlines()[-1] == ("error: unknown command 'fitt'; choose one of fit, validate, test, "
+                                            "certify, thresholds")

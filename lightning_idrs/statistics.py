@@ -1,12 +1,12 @@
-"""Certified-accuracy statistics for randomized smoothing results (Cohen et al. 2019, Sukenik et al. 2022).
+"""Certified-accuracy statistics (NumPy) of randomized smoothing results (Cohen et al. 2019, Sukenik et al. 2022).
 
-Definitions (see the design notes, section 1): a test point is *certified at radius R* when the
+Definitions (docs/math.md, "what is reported"): a test point is *certified at radius R* when the
 smoothed prediction is correct (it did not abstain) and its certified radius is >= R. The certified
 accuracy at R is the fraction of all test points certified at R (abstained and wrong points count
 in the denominator, never in the numerator). The average certified radius (ACR) is the mean over
 all points of ``radius * correct``.
 
-Everything here is plain NumPy and vectorised over points. ``certified_accuracy.CertifiedAccuracy``
+Everything here is plain NumPy and vectorised over points. ``lightning_idrs.metric.CertifiedAccuracy``
 wraps the same statistics in a torchmetrics ``Metric`` gathered across DDP ranks.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "abstain_rate",
+    "as_radius_grid",
     "average_certified_radius",
     "certified_accuracy",
     "certified_counts",
@@ -75,7 +76,8 @@ def _labels(labels) -> np.ndarray:
     return lab
 
 
-def _radii(radii) -> np.ndarray:
+def as_radius_grid(radii) -> np.ndarray:
+    """``radii`` as a non-empty, finite float64 grid (ValueError otherwise)."""
     g = _as_1d("radii", radii, dtype=np.float64)
     if g.size == 0:
         raise ValueError("the radius grid is empty")
@@ -124,7 +126,7 @@ def certified_counts(radius, correct, radii) -> np.ndarray:
     r = _radius(radius)
     c = _correct(correct)
     _same_length(radius=r, correct=c)
-    g = _radii(radii)
+    g = as_radius_grid(radii)
     certified_radii = np.sort(r[c])
     # count of certified radii >= R  ==  total - (number strictly below R)
     return len(certified_radii) - np.searchsorted(certified_radii, g, side="left")
@@ -170,7 +172,7 @@ def class_certified_accuracy_matrix(labels, radius, correct, radii, num_classes:
     r = _radius(radius)
     c = _correct(correct)
     _same_length(labels=lab, radius=r, correct=c)
-    g = _radii(radii)
+    g = as_radius_grid(radii)
     max_label = int(lab.max())
     if num_classes is None:
         num_classes = max_label + 1
@@ -230,7 +232,7 @@ def summarize(
     c = _correct(correct)
     s = _as_1d("sigma", sigma, dtype=np.float64)
     n = _same_length(labels=lab, predict=pred, radius=r, correct=c, sigma=s)
-    g = _radii(radii)
+    g = as_radius_grid(radii)
     keys = [radius_key(R) for R in g]
     if len(set(keys)) != len(keys):
         raise ValueError("the radius grid has values that are equal after formatting with '%g'")

@@ -8,7 +8,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_idrs.metrics import ABSTAIN, _radii, summarize
+from lightning_idrs.statistics import ABSTAIN, as_radius_grid, summarize
 
 # state name -> dtype. Radii and sigmas are kept in float64: a float32 radius of 0.7 is
 # 0.69999999, which would drop the point from the R = 0.7 column.
@@ -40,7 +40,7 @@ class CertifiedAccuracy(Metric):
 
     def __init__(self, radii: Sequence[float], num_classes: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
-        self.radii_grid = [float(R) for R in _radii(radii)]
+        self.radii_grid = [float(R) for R in as_radius_grid(radii)]
         self.num_classes = num_classes
         for name in STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")

@@ -4,7 +4,7 @@ Layout of a certification output directory::
 
     settings.json        the settings that produced the rows (written once; a rerun must match)
     certify.tsv          one row per finished point, header TSV_HEADER, appended batch by batch
-    summary.json         written (atomically) at the end by the caller, see write_summary
+    summary.json         written (atomically) at the end, see lightning_idrs.reporting.write_summary
     .certify.lock        advisory lock (flock) so that two processes never append to one log
 
 Crash safety of ``certify.tsv``: every batch of rows is one ``write`` of complete lines followed by
@@ -17,42 +17,27 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import tempfile
 from collections import namedtuple
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from lightning_idrs.reporting import fsync_dir, json_ready, write_json_atomic
+
 try:  # POSIX only; elsewhere the log works without the advisory lock
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = [
-    "TSV_HEADER",
-    "TSV_NAME",
-    "SETTINGS_NAME",
-    "SUMMARY_NAME",
-    "PLOT_NAME",
-    "CertifyRow",
-    "CertifyLog",
-    "format_row",
-    "read_tsv",
-    "write_summary",
-    "read_summary",
-    "write_json_atomic",
-]
+__all__ = ["TSV_HEADER", "TSV_NAME", "SETTINGS_NAME", "CertifyRow", "CertifyLog", "format_row", "read_tsv"]
 
 log = logging.getLogger(__name__)
 
 TSV_HEADER = ("idx", "label", "predict", "radius", "correct", "sigma", "p_a_lower", "time")
 TSV_NAME = "certify.tsv"
 SETTINGS_NAME = "settings.json"
-SUMMARY_NAME = "summary.json"
-PLOT_NAME = "certified_accuracy.png"
 LOCK_NAME = ".certify.lock"
 
 CertifyRow = namedtuple("CertifyRow", TSV_HEADER)
@@ -66,98 +51,11 @@ _HEADER_LINE = "\t".join(TSV_HEADER)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-# --------------------------------------------------------------------------------------------
-# small file helpers
-# --------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    """Make a created/renamed directory entry durable (best effort; not possible everywhere)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # torch tensors, without importing torch
-        return obj.tolist()
-    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
-
-
-def _sanitize(obj: Any):
-    """Plain-JSON version of ``obj``: NumPy/torch values to Python, non-finite floats to None."""
-    if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, str) else k: _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    if isinstance(obj, (str, bool)) or obj is None:
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    try:
-        return _sanitize(_json_default(obj))
-    except TypeError:
-        raise TypeError(f"summary value of type {type(obj).__name__} is not JSON serialisable") from None
-
-
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, allow_nan=False, default=_json_default) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), 0o644)  # mkstemp creates 0600; results are meant to be shared
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_summary(path: PathLike, summary: Mapping[str, Any]) -> None:
-    """Write a summary dict to ``path`` as JSON, atomically (a reader never sees a partial file).
-
-    NumPy / torch scalars and arrays become Python numbers and lists; NaN and infinities become
-    ``null`` so that the file is strict JSON.
-    """
-    write_json_atomic(path, _sanitize(dict(summary)))
-
-
-def read_summary(path: PathLike) -> dict:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,8 +192,7 @@ def read_tsv(path: PathLike) -> Dict[str, np.ndarray]:
 def _normalize_settings(settings: Mapping[str, Any]) -> dict:
     if not isinstance(settings, Mapping):
         raise TypeError(f"settings must be a mapping, got {type(settings).__name__}")
-    # the JSON round trip makes tuples lists, NumPy scalars Python numbers, etc., as they will be read back
-    return json.loads(json.dumps(dict(settings), sort_keys=True, default=_json_default))
+    return json_ready(dict(settings))  # tuples become lists, NumPy scalars Python numbers: as read back
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:
@@ -408,7 +305,7 @@ class CertifyLog:
         if good == 0:  # new file, or a header torn by a kill: (re)write the header
             _write_all(fd, (_HEADER_LINE + "\n").encode())
             os.fsync(fd)
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
         return rows
 
     # -- writing ------------------------------------------------------------------------------
@@ -438,15 +335,18 @@ class CertifyLog:
         return len(batch)
 
     # -- reading ------------------------------------------------------------------------------
-    def columns(self) -> Dict[str, np.ndarray]:
-        """The rows so far as NumPy columns (like :func:`read_tsv`)."""
-        return _columns(self.rows)
+    def columns(self, only=None) -> Dict[str, np.ndarray]:
+        """The rows so far as NumPy columns (like :func:`read_tsv`); ``only``: just these idx."""
+        if only is None:
+            return _columns(self.rows)
+        keep = {int(i) for i in np.asarray(only).tolist()}
+        return _columns([r for r in self.rows if r.idx in keep])
 
-    def summarize(self, radii, num_classes: Optional[int] = None) -> dict:
-        """:func:`lightning_idrs.metrics.summarize` of the rows so far."""
-        from .metrics import summarize
+    def summarize(self, radii, num_classes: Optional[int] = None, only=None) -> dict:
+        """:func:`lightning_idrs.statistics.summarize` of the rows so far (``only``: just these idx)."""
+        from lightning_idrs.statistics import summarize
 
-        c = self.columns()
+        c = self.columns(only)
         return summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], radii, num_classes)
 
     def __len__(self) -> int:

@@ -1,4 +1,4 @@
-"""Tests of lightning_idrs.results (resumable crash-safe TSV log, settings, summaries) and lightning_idrs.plots."""
+"""Tests of lightning_idrs.tsv_log (resumable crash-safe TSV log, settings) and of summary.json / PNGs (reporting)."""
 import json
 import os
 import signal
@@ -11,19 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_idrs.metrics import certified_accuracy
-from lightning_idrs.plots import curve_from_tsv, plot_certified_accuracy, plot_tsvs
-from lightning_idrs.results import (
-    SETTINGS_NAME,
-    TSV_HEADER,
-    TSV_NAME,
-    CertifyLog,
-    CertifyRow,
-    format_row,
-    read_summary,
-    read_tsv,
-    write_summary,
-)
+from lightning_idrs.reporting import ReportOptions, curve_from_tsv_columns, plot_curves, radius_grid, read_summary, write_summary
+from lightning_idrs.statistics import certified_accuracy
+from lightning_idrs.tsv_log import SETTINGS_NAME, TSV_HEADER, TSV_NAME, CertifyLog, CertifyRow, format_row, read_tsv
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"sigma_base": 0.25, "semi_elasticity": 0.01, "alpha": 0.001, "n0": 100, "n": 1000,
@@ -86,21 +76,21 @@ def test_format_row_round_trips_floats():
     assert line.endswith("\n") and line.count("\t") == 7
     fields = line.rstrip("\n").split("\t")
     assert [float(fields[k]) for k in (3, 5, 6, 7)] == [r[3], r[5], r[6], r[7]]
-    with pytest.raises(ValueError):
-        format_row((1, 2, 3))  # wrong number of fields
-    with pytest.raises(ValueError):
-        format_row((1, 0, 0, 0.5, 2, 0.25, 0.9, 1.0))  # correct must be 0/1
-    with pytest.raises(ValueError):
-        format_row((1.5, 0, 0, 0.5, 1, 0.25, 0.9, 1.0))  # non-integral idx
+    with pytest.raises(ValueError, match=r"^row must have 8 fields \('idx', .*, got 3$"):
+        format_row((1, 2, 3))
+    with pytest.raises(ValueError, match="^correct must be 0 or 1, got 2$"):
+        format_row((1, 0, 0, 0.5, 2, 0.25, 0.9, 1.0))
+    with pytest.raises(ValueError, match=r"^field 'idx' must be an integer, got 1\.5$"):
+        format_row((1.5, 0, 0, 0.5, 1, 0.25, 0.9, 1.0))
 
 
 def test_duplicate_append_is_refused_and_writes_nothing(tmp_path):
     with CertifyLog(tmp_path, SETTINGS) as log:
         log.append(rows(0, 3))
         size = (tmp_path / TSV_NAME).stat().st_size
-        with pytest.raises(ValueError, match="already"):
+        with pytest.raises(ValueError, match=r"idx already in .*certify.tsv: \[2\]"):
             log.append(rows(3, 5) + rows(2, 3))  # 2 is done: the whole batch is refused
-        with pytest.raises(ValueError, match="repeats"):
+        with pytest.raises(ValueError, match=r"append\(\): the batch repeats an idx"):
             log.append(rows(3, 4) * 2)
         assert (tmp_path / TSV_NAME).stat().st_size == size
         assert log.done == {0, 1, 2}
@@ -140,9 +130,9 @@ def test_corruption_before_the_last_line_raises(tmp_path):
     lines = (tmp_path / TSV_NAME).read_text().split("\n")
     lines.insert(2, "garbage")
     (tmp_path / TSV_NAME).write_text("\n".join(lines))
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(ValueError, match=r"line 3 is malformed \(.*\); the file is corrupted"):
         CertifyLog(tmp_path, SETTINGS)
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(ValueError, match=r"line 3 is malformed \(.*\); the file is corrupted"):
         read_tsv(tmp_path / TSV_NAME)
 
 
@@ -164,7 +154,7 @@ def test_different_settings_are_refused(tmp_path):
     msg = str(err.value)
     assert "sigma_base" in msg and "checkpoint.sha256" in msg and "--certify.out" in msg
     assert "alpha" not in msg and "n0" not in msg  # only the differing keys are named
-    with pytest.raises(ValueError, match="max_points"):
+    with pytest.raises(ValueError, match="max_points: absent in the directory, 10 now"):
         CertifyLog(tmp_path, dict(SETTINGS, max_points=10))  # an added key is a difference too
     # nothing was changed by the refused opens
     assert json.loads((tmp_path / SETTINGS_NAME).read_text()) == SETTINGS
@@ -174,9 +164,9 @@ def test_different_settings_are_refused(tmp_path):
 def test_header_mismatch_is_refused(tmp_path):
     (tmp_path / SETTINGS_NAME).write_text(json.dumps(SETTINGS))
     (tmp_path / TSV_NAME).write_text("idx\tlabel\tpredict\tradius\tcorrect\n0\t1\t1\t0.5\t1\n")
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(ValueError, match="header mismatch: expected"):
         CertifyLog(tmp_path, SETTINGS)
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(ValueError, match="header mismatch: expected"):
         read_tsv(tmp_path / TSV_NAME)
 
 
@@ -184,14 +174,14 @@ def test_tsv_without_settings_is_refused(tmp_path):
     with CertifyLog(tmp_path, SETTINGS) as log:
         log.append(rows(0, 1))
     (tmp_path / SETTINGS_NAME).unlink()
-    with pytest.raises(ValueError, match="settings"):
+    with pytest.raises(ValueError, match=r"certify.tsv exists but .*settings.json does not, so the settings"):
         CertifyLog(tmp_path, SETTINGS)
 
 
 def test_second_writer_is_locked_out(tmp_path):
     log = CertifyLog(tmp_path, SETTINGS)
     try:
-        with pytest.raises(RuntimeError, match="in use"):
+        with pytest.raises(RuntimeError, match="is in use by another process"):
             CertifyLog(tmp_path, SETTINGS)
     finally:
         log.close()
@@ -205,7 +195,7 @@ def test_second_writer_is_locked_out(tmp_path):
 WRITER = ROW_SOURCE + textwrap.dedent(
     """
     import json, os, sys, time
-    import lightning_idrs.results as results
+    import lightning_idrs.tsv_log as results
     out, stop, settings, tear = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
     log = results.CertifyLog(out, settings)
     i = max(log.done) + 1 if log.done else 0
@@ -324,34 +314,34 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_plot_single_and_overlay(tmp_path):
     radii = np.linspace(0, 1, 11)
-    one = plot_certified_accuracy({"RS": (radii, 0.8 - 0.5 * radii)}, tmp_path / "a" / "one.png", title="RS")
-    two = plot_certified_accuracy({"RS": (radii, 0.8 - 0.5 * radii), "IDRS": (radii, 0.7 - 0.3 * radii)},
-                                  tmp_path / "two.png")
+    one = plot_curves({"RS": (radii, 0.8 - 0.5 * radii)}, tmp_path / "a" / "one.png", title="RS")
+    two = plot_curves({"RS": (radii, 0.8 - 0.5 * radii), "IDRS": (radii, 0.7 - 0.3 * radii)}, tmp_path / "two.png")
     for p in (one, two):
         assert p.read_bytes()[:8] == PNG_MAGIC
     from matplotlib.image import imread
 
     a, b = imread(str(one)), imread(str(two))
     assert a.shape == b.shape and not np.array_equal(a, b)  # the overlay drew something more
-    with pytest.raises(ValueError):
-        plot_certified_accuracy({}, tmp_path / "none.png")
-    with pytest.raises(ValueError):
-        plot_certified_accuracy({"x": ([0, 1], [1.0])}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no curves to plot"):
+        plot_curves({}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match="radii and accuracy must be 1-D of equal length"):
+        plot_curves({"x": ([0, 1], [1.0])}, tmp_path / "bad.png")
 
 
-def test_curve_from_tsv_and_overlay_of_runs(tmp_path):
+def test_curve_from_tsv_and_automatic_grid(tmp_path):
     with CertifyLog(tmp_path / "rs", SETTINGS) as log:
         log.append(rows(0, 40))
-    with CertifyLog(tmp_path / "idrs", dict(SETTINGS, semi_elasticity=0.05)) as log:
-        log.append(rows(20, 80))
+    columns = read_tsv(tmp_path / "rs" / TSV_NAME)
     grid = [0.0, 0.5, 1.0, 3.0]
-    radii, acc = curve_from_tsv(tmp_path / "rs" / TSV_NAME, grid)
     r = np.array([row[3] for row in rows(0, 40)])
     c = np.array([row[4] for row in rows(0, 40)])
-    assert radii.tolist() == grid
-    np.testing.assert_allclose(acc, certified_accuracy(r, c, grid))
-    radii, acc = curve_from_tsv(tmp_path / "rs" / TSV_NAME)  # automatic grid covers the largest radius
-    assert radii[-1] >= r.max() and acc[-1] == 0.0
-    out = plot_tsvs({"RS": tmp_path / "rs" / TSV_NAME, "IDRS": tmp_path / "idrs" / TSV_NAME},
-                    tmp_path / "certified_accuracy.png")
-    assert out.read_bytes()[:8] == PNG_MAGIC
+    np.testing.assert_allclose(curve_from_tsv_columns(columns, grid), certified_accuracy(r, c, grid))
+    auto = radius_grid(ReportOptions(radii_step=0.5), columns["radius"])  # covers the largest radius
+    assert r.max() < auto[-1] <= r.max() + 1.0 and np.allclose(np.diff(auto), 0.5)
+    assert curve_from_tsv_columns(columns, auto)[-1] == 0.0
+    assert radius_grid(ReportOptions(radii_step=0.25, radii_max=1.0)).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert radius_grid(ReportOptions(radii=[1.0, 0.5, 0.5])).tolist() == [0.5, 1.0]
+    with pytest.raises(ValueError, match="radii_step must be a finite number > 0, got 0"):
+        ReportOptions(radii_step=0)
+    with pytest.raises(ValueError, match="over 10,000 points"):
+        ReportOptions(radii_step=1e-6, radii_max=1.0)

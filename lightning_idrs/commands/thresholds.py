@@ -1,9 +1,11 @@
-"""``python -m lightning_idrs thresholds``: the curse-of-dimensionality table (Thm. 2.4, PAPER.md)."""
+"""``python -m lightning_idrs thresholds``: the curse-of-dimensionality table (Thm. 2.4, docs/math.md)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lightning_idrs.radius import sigma_ratio_bounds
+from lightning_idrs.validation import UsageError
 
 PAPER_DIMS = {"MNIST": 784, "CIFAR10": 3072, "ImageNet": 196608}
 PAPER_P_B = (0.1, 0.01, 0.001, 0.00007)
@@ -20,8 +22,9 @@ def format_table(dims: dict, p_b) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_idrs thresholds", description=__doc__)
+def _table(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightning_idrs thresholds", description=__doc__,
+                                     exit_on_error=False)
     parser.add_argument("--dim", type=int, nargs="+", help="input dimensions (default: the paper's)")
     parser.add_argument("--p-b", type=float, nargs="+", default=list(PAPER_P_B), help="runner-up probabilities")
     args = parser.parse_args(argv)
@@ -29,5 +32,12 @@ def main(argv=None) -> int:
     try:
         print(format_table(dims, args.p_b))
     except ValueError as error:
-        parser.error(str(error))
+        raise UsageError(str(error)) from None
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m lightning_idrs thresholds``: 0 on success, 2 with one ``error:`` line on bad input."""
+    from lightning_idrs.commands import guarded
+
+    return guarded(_table, sys.argv[1:] if argv is None else list(argv))

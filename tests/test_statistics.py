@@ -1,4 +1,4 @@
-"""Tests of lightning_idrs.metrics: certified accuracy, ACR, class-wise curves and the torchmetrics Metric."""
+"""Tests of lightning_idrs.statistics (NumPy) and lightning_idrs.metric (torchmetrics): certified accuracy, ACR, class-wise curves and the torchmetrics Metric."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_idrs.metrics import (
+from lightning_idrs.statistics import (
     abstain_rate,
     average_certified_radius,
     certified_accuracy,
@@ -65,7 +65,7 @@ def test_hand_example_classwise():
     assert counts.tolist() == [2, 2, 2, 0]
     assert np.isnan(matrix[3]).all()
     assert set(class_certified_accuracy(LABELS, RADIUS, CORRECT, GRID, num_classes=4)) == {0, 1, 2}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^label 2 is out of range for num_classes=2$"):
         class_certified_accuracy(LABELS, RADIUS, CORRECT, GRID, num_classes=2)  # label 2 out of range
 
 
@@ -156,22 +156,22 @@ def test_default_grid_and_keys():
     g = default_radius_grid(1.0, 0.1)
     assert len(g) == 11 and g[3] == 0.3 and g[7] == 0.7 and g[-1] == 1.0  # no accumulated error
     assert radius_key(0.5) == "0.5" and radius_key(1.0) == "1"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^step must be a positive finite number, got 0\.0$"):
         default_radius_grid(1.0, 0.0)
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^no points: the statistics of an empty result set are undefined$"):
         certified_accuracy([], [], [0.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^per-point arrays have different lengths: {'radius': 2, 'correct': 1}$"):
         certified_accuracy([0.1, 0.2], [1], [0.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^radius must be >= 0 \(abstained points have radius 0\)$"):
         certified_accuracy([-0.1], [1], [0.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^correct must contain only 0/1 \(or booleans\)$"):
         certified_accuracy([0.1], [2], [0.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^the radius grid is empty$"):
         certified_accuracy([0.1], [1], [])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^no points: the abstain rate of an empty result set is undefined$"):
         abstain_rate([])
 
 
@@ -182,7 +182,7 @@ torch = pytest.importorskip("torch")
 
 
 def test_metric_two_updates_equals_summarize_of_concatenation():
-    from lightning_idrs.certified_accuracy import CertifiedAccuracy
+    from lightning_idrs.metric import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID, num_classes=3)
     f64 = torch.float64  # radii as float64 tensors, as the certifier produces them
@@ -198,7 +198,7 @@ def test_metric_two_updates_equals_summarize_of_concatenation():
 
 
 def test_metric_keeps_float64_radii():
-    from lightning_idrs.certified_accuracy import CertifiedAccuracy
+    from lightning_idrs.metric import CertifiedAccuracy
 
     # float32(0.7) < 0.7: a float32 state would drop this point from the R = 0.7 column
     m = CertifiedAccuracy([0.7])
@@ -207,7 +207,7 @@ def test_metric_keeps_float64_radii():
 
 
 def test_metric_deduplicates_by_idx_and_resets():
-    from lightning_idrs.certified_accuracy import CertifiedAccuracy
+    from lightning_idrs.metric import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID)
     m.update(LABELS, PREDICT, RADIUS, SIGMA, idx=list(range(6)))
@@ -220,7 +220,7 @@ def test_metric_deduplicates_by_idx_and_resets():
 
 
 def test_metric_compute_without_data_raises():
-    from lightning_idrs.certified_accuracy import CertifiedAccuracy
+    from lightning_idrs.metric import CertifiedAccuracy
 
     m = CertifiedAccuracy(GRID)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no points"):
@@ -228,7 +228,7 @@ def test_metric_compute_without_data_raises():
     m.update([], [], [], [])
     with pytest.raises(ValueError, match="no points"):
         m.compute()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^update\(\): all arguments must have the same number of points$"):
         m.update([0, 1], [0], [0.1], [0.2])
 
 
@@ -236,7 +236,7 @@ _DDP_WORKER = textwrap.dedent(
     """
     import json, sys
     import torch, torch.distributed as dist
-    from lightning_idrs.certified_accuracy import CertifiedAccuracy
+    from lightning_idrs.metric import CertifiedAccuracy
     rank, init, out, grid = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     table = json.loads(sys.argv[5])
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)

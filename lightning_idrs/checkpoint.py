@@ -1,0 +1,159 @@
+"""The one checkpoint loader: model + sigma + datamodule + metadata, for every command and the API.
+
+A checkpoint written by ``fit`` holds the weights, the model's hyper-parameters (the sigma function
+as ``class_path`` + ``init_args``), the datamodule's class and arguments, and the ``lightning_idrs``
+entry (written by ``IDRSClassifier.on_save_checkpoint``, read here and nowhere else). Loading
+
+1. reads the file with PyTorch's safe unpickler (``weights_only=True``): no code from the file runs;
+2. rebuilds the model with jsonargparse from its hyper-parameters (a user's sigma class only has to
+   be importable) and loads the state dict;
+3. rebuilds the datamodule (its arguments may be overridden), checks that it is the data the model
+   was trained on, and fits sigma on its training inputs.
+
+Every failure is a :class:`~lightning_idrs.validation.UsageError` naming the file and the fix.
+Checkpoints of lightning_idrs 0.1 (``sigma: knn|constant``) load too.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lightning_idrs.data import DataNotFoundError, IDRSDataModule
+from lightning_idrs.module import CHECKPOINT_KEY, IDRSClassifier
+from lightning_idrs.validation import UsageError, one_line
+
+__all__ = ["LoadedCheckpoint", "build_datamodule", "datamodule_config", "load_checkpoint", "load_model",
+           "read_checkpoint"]
+
+_LEGACY_SIGMA = {"knn": "lightning_idrs.sigma.KnnSigma", "constant": "lightning_idrs.sigma.ConstantSigma"}
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint ready to certify or evaluate: ``model`` (eval mode, sigma fitted) and its data."""
+
+    path: str
+    sha256: str
+    model: IDRSClassifier
+    datamodule: IDRSDataModule
+    metadata: dict  # the checkpoint's lightning_idrs entry
+
+
+def read_checkpoint(path) -> tuple[dict, str]:
+    """(checkpoint dict, sha256 of the file), read with the safe unpickler; UsageError if unusable."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    data = file.read_bytes()
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # random bytes or a pickle with code raise anything from UnpicklingError on
+        raise UsageError(f"cannot read checkpoint {path} (corrupt, not a PyTorch file, or it holds objects "
+                         f"that are not plain data): {one_line(error)[:200]}") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise UsageError(f"{path} is not a lightning_idrs checkpoint (no {CHECKPOINT_KEY!r} entry); train with `fit`")
+    return checkpoint, hashlib.sha256(data).hexdigest()
+
+
+def _upgrade_legacy(checkpoint: dict) -> None:
+    """lightning_idrs 0.1 checkpoints: sigma chosen by name, data identity only in the metadata entry."""
+    hparams = checkpoint.setdefault("hyper_parameters", {})
+    kind = hparams.get("sigma")
+    if isinstance(kind, str):
+        names = ("sigma_base",) if kind == "constant" else ("sigma_base", "semi_elasticity", "k", "m")
+        init_args = {name: hparams[name] for name in names if name in hparams}
+        hparams["sigma"] = {"class_path": _LEGACY_SIGMA.get(kind, kind), "init_args": init_args}
+        for name in ("sigma_base", "semi_elasticity", "k", "m"):
+            hparams.pop(name, None)
+    info = checkpoint[CHECKPOINT_KEY]
+    checkpoint["state_dict"].setdefault(
+        "_extra_state", {"dataset": info.get("dataset"), "data_fingerprint": info.get("data_fingerprint")})
+
+
+def load_model(path) -> tuple[IDRSClassifier, dict, str]:
+    """(model on the CPU with its weights, sigma not yet fitted; checkpoint dict; sha256 of the file)."""
+    checkpoint, sha256 = read_checkpoint(path)
+    _upgrade_legacy(checkpoint)
+    return _build_model(checkpoint, path), checkpoint, sha256
+
+
+def _build_model(checkpoint: dict, path) -> IDRSClassifier:
+    from pytorch_lightning.cli import instantiate_module
+
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
+    if hparams.get("sigma") is None:
+        raise UsageError(f"{path} does not record how to build its sigma function (it was built in Python from "
+                         "arguments a config cannot name); build IDRSClassifier(sigma=...) yourself and load_state_dict")
+    try:
+        model = instantiate_module(IDRSClassifier, hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (Exception, SystemExit) as error:  # jsonargparse reports unknown classes by exiting
+        raise UsageError(f"cannot build the model of {path}: {one_line(error)[:300]} (a sigma class of your own "
+                         "must be importable, e.g. on PYTHONPATH)") from None
+    return model
+
+
+def _datamodule_class(class_path: str) -> type:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name or "lightning_idrs.data"), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UsageError(f"unknown data module class {class_path!r}") from None
+    if not (isinstance(cls, type) and issubclass(cls, IDRSDataModule)):
+        raise UsageError(f"{class_path!r} is not a lightning_idrs data module (IDRSDataModule subclass)")
+    return cls
+
+
+def datamodule_config(checkpoint: dict) -> dict:
+    """``{"class_path", "init_args"}`` of the datamodule the checkpoint was trained with (class None if unknown)."""
+    saved = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    class_path = checkpoint[CHECKPOINT_KEY].get("datamodule_class") or saved.get("_class_path")
+    return {"class_path": class_path, "init_args": {k: v for k, v in saved.items() if not k.startswith("_")}}
+
+
+def build_datamodule(checkpoint: dict, data: Optional[dict] = None, overrides: Optional[dict] = None):
+    """The checkpoint's datamodule; ``data`` (a config's ``data:`` section) may replace it and
+    ``overrides`` (e.g. ``{"root": DIR}``) set single arguments."""
+    saved = datamodule_config(checkpoint)
+    class_path, init_args = saved["class_path"], saved["init_args"]
+    if data:
+        new_path = data.get("class_path")
+        new_args = data.get("init_args", {} if new_path else data) or {}
+        if new_path and (class_path is None or _datamodule_class(new_path) is not _datamodule_class(class_path)):
+            init_args = {}  # another data module: the checkpoint's arguments do not apply
+        init_args.update(new_args)
+        class_path = new_path or class_path
+    if class_path is None:
+        raise UsageError("the checkpoint does not record its data module; pass --config with a data: section")
+    cls = _datamodule_class(class_path)
+    parameters = inspect.signature(cls.__init__).parameters
+    for key, value in (overrides or {}).items():
+        if key not in parameters:
+            raise UsageError(f"--data.{key}: the data module {cls.__name__} takes no {key}")
+        init_args[key] = value
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"cannot build the data module {cls.__name__}({init_args}): {one_line(error)}") from None
+
+
+def load_checkpoint(path, device="cpu", data: Optional[dict] = None,
+                    overrides: Optional[dict] = None) -> LoadedCheckpoint:
+    """Load ``path`` (see the module docstring) onto ``device``; UsageError on any problem."""
+    model, checkpoint, sha256 = load_model(path)
+    datamodule = build_datamodule(checkpoint, data, overrides)
+    model.to(device)
+    try:
+        model.attach_data(datamodule)  # checks shape, classes, data fingerprint; fits sigma
+    except DataNotFoundError as error:
+        raise UsageError(one_line(error)) from None
+    except ValueError as error:
+        raise UsageError(f"checkpoint and data do not match: {one_line(error)}") from None
+    return LoadedCheckpoint(str(path), sha256, model.eval(), datamodule, dict(checkpoint[CHECKPOINT_KEY]))

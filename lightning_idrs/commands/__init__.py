@@ -1,0 +1,82 @@
+"""The commands: ``python -m lightning_idrs {fit,validate,test,certify,thresholds} ...``.
+
+* ``fit`` / ``validate`` / ``test``: LightningCLI over the training module (:mod:`.trainer`);
+* ``certify``: certify a checkpoint on a data split (:mod:`.certify`);
+* ``thresholds``: the curse-of-dimensionality table of sigma1/sigma0 (:mod:`.thresholds`).
+
+Every command reports bad input (:class:`~lightning_idrs.validation.UsageError`, or an option that
+does not parse) as one ``error: ...`` line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from lightning_idrs.validation import UsageError, one_line
+
+COMMANDS = {
+    "fit": "train a base classifier under input-dependent Gaussian noise (LightningCLI)",
+    "validate": "evaluate a checkpoint on the validation set (LightningCLI)",
+    "test": "evaluate a checkpoint on the test set (LightningCLI)",
+    "certify": "certify a checkpoint: certified radius per point, summary, curve",
+    "thresholds": "the curse-of-dimensionality thresholds of sigma1/sigma0 (Thm. 2.4)",
+}
+USAGE = "usage: python -m lightning_idrs COMMAND [options]\n\ncommands:\n" + "".join(
+    f"  {name:<12} {text}\n" for name, text in COMMANDS.items()
+) + "\n'python -m lightning_idrs COMMAND --help' lists the options of a command.\n"
+
+_KEY = re.compile(r'Parser key "([^"]+)":')
+_RULE = re.compile(r"must be [^;]*")
+
+
+def describe_parse_error(error) -> str:
+    """A jsonargparse error as one line naming the option: ``--model.sigma.k must be an integer >= 1, got 0``."""
+    text = one_line(error)
+    keys = _KEY.findall(text)
+    if not keys:
+        return text
+    key = ".".join(k for k in keys if k != "init_args")
+    detail = _KEY.split(text)[-1].strip()
+    rule = _RULE.search(detail)  # a rule of lightning_idrs.validation, however deeply jsonargparse nests it
+    return f"--{key} {rule.group(0)}" if rule else f"--{key}: {detail}"
+
+
+def guarded(function, argv) -> int:
+    """Run ``function(argv)``; bad input becomes one ``error:`` line and exit code 2."""
+    from jsonargparse import ArgumentError
+
+    try:
+        code = function(argv)
+    except UsageError as error:
+        message = one_line(error)
+    except ArgumentError as error:
+        message = describe_parse_error(error)
+    except KeyboardInterrupt:
+        print("interrupted: finished results are saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:  # --help (0), or argparse already printed its error
+        return exit_.code if isinstance(exit_.code, int) else 2
+    else:
+        return code if isinstance(code, int) else 0
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    if command in (None, "-h", "--help"):
+        print(USAGE, file=sys.stdout if command else sys.stderr)
+        return 0 if command else 2
+    if command not in COMMANDS:
+        print(USAGE + f"\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if command == "thresholds":
+        from lightning_idrs.commands.thresholds import main as command_main
+    elif command == "certify":
+        from lightning_idrs.commands.certify import main as command_main
+    else:
+        from lightning_idrs.commands.trainer import main as command_main
+
+        return command_main(argv)
+    return command_main(argv[1:])

@@ -1,0 +1,29 @@
+"""SHA-256 digests that identify data and weights (training set, certified split, sigma's point set)."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+__all__ = ["sha256_hex"]
+
+_ROWS = 4096  # rows hashed per block: bounded memory for any array
+
+
+def _blocks(array):
+    """Contiguous byte blocks of a NumPy array or torch tensor (row blocks of the C-ordered data)."""
+    if hasattr(array, "detach"):  # torch tensor, without importing torch
+        array = array.detach().to("cpu")
+    flat = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
+    for start in range(0, len(flat), _ROWS):
+        block = flat[start:start + _ROWS]
+        yield np.ascontiguousarray(block.numpy() if hasattr(block, "numpy") else block)
+
+
+def sha256_hex(header: str, *arrays) -> str:
+    """Hex SHA-256 of ``header`` (UTF-8) followed by the raw bytes of each array in turn."""
+    digest = hashlib.sha256(header.encode())
+    for array in arrays:
+        for block in _blocks(array):
+            digest.update(block)
+    return digest.hexdigest()

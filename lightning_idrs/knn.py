@@ -1,0 +1,144 @@
+"""Exact mean distance to the k nearest points of a fixed set: faiss proposes, float64 decides.
+
+faiss ranks with float32 ||a||^2 + ||b||^2 - 2ab, which is inexact for close points. So faiss only
+proposes k + margin candidates; their distances are recomputed in float64 as the norm of the
+difference and the k smallest are kept. A worst-case rounding bound on faiss' distances then proves
+that no other point is closer than the k-th; rows where it cannot (near-ties, many duplicates) are
+redone by a float64 brute-force scan. The index stores the float32 points c_i = fl32(p_i - mu),
+centred on their float64 mean mu (better float32 ranking); the fixed set whose distances are
+computed is {mu + c_i}. See docs/math.md ("the kNN sigma") for why exactness matters.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import faiss
+import numpy as np
+import torch
+
+__all__ = ["KnnIndex"]
+
+_U32 = 2.0 ** -24  # float32 unit roundoff
+_GPU_SLACK = 2.0 ** -9  # covers TF32 GEMMs (10-bit mantissa) should a GPU use them
+_GPU_MAX_K = 2048  # faiss GPU k-selection limit
+_CHUNK_ELEMENTS = 2 ** 22  # float64 elements per recompute chunk (32 MiB)
+_ROWS = 8192
+
+
+def _faiss_has_gpu() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class KnnIndex:
+    """faiss index over ``points`` ([n, d] float32 NumPy, centred in place and kept) with exact re-ranking.
+
+    ``factory`` is a faiss ``index_factory`` string; only ``"Flat"`` is exact (``exact``), and only an
+    exact index gives a provably 1-Lipschitz mean distance.
+    """
+
+    def __init__(self, points: np.ndarray, factory: str = "Flat"):
+        self.n, self.d = points.shape
+        mu = points.mean(0, dtype=np.float64)
+        for i in range(0, self.n, _ROWS):  # centre in place (translation: distances unchanged)
+            points[i:i + _ROWS] = (points[i:i + _ROWS].astype(np.float64) - mu).astype(np.float32)
+        self.index = faiss.index_factory(self.d, factory, faiss.METRIC_L2)
+        self.exact = type(self.index) in (faiss.IndexFlat, faiss.IndexFlatL2) \
+            and self.index.metric_type == faiss.METRIC_L2
+        if not self.index.is_trained:
+            self.index.train(points)
+        self.index.add(points)
+        if self.exact:  # share faiss' storage instead of keeping a second copy
+            points = faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.d).reshape(self.n, self.d)
+        self.xb = torch.from_numpy(points)
+        self.max_sq_norm = max(float((self.xb[i:i + _ROWS].double() ** 2).sum(1).max())
+                               for i in range(0, self.n, _ROWS))
+        self.mu = torch.from_numpy(mu)
+        self._gpu = {}  # cuda device index -> (resources, gpu index, xb on that device) or None
+
+    # ------------------------------------------------------------------------------ queries
+    def mean_distance(self, queries: torch.Tensor, k: int, margin: int) -> torch.Tensor:
+        """Mean float64 distance from each query ([b, d], any float dtype) to its k nearest points."""
+        q = queries.to(torch.float64) - self.mu.to(queries.device)
+        return self._knn_mean(q, None, k, margin).to(queries.device)
+
+    def training_mean_distance(self, rows: torch.Tensor, k: int, margin: int, device) -> torch.Tensor:
+        """Mean distance from stored points ``rows`` to their k nearest *other* points (excluded by index)."""
+        q = self.xb[rows].to(device, torch.float64)
+        return self._knn_mean(q, rows, k, margin).to(device)
+
+    # ------------------------------------------------------------------------------ core
+    @torch.no_grad()
+    def _knn_mean(self, q, exclude: Optional[torch.Tensor], k: int, margin: int):
+        """Mean exact distance from centred queries q [b, d] to their k nearest points (``exclude``: row ids)."""
+        gpu = self._on_gpu(q.device)
+        device = q.device if gpu is not None else torch.device("cpu")
+        q = q.to(device)
+        xb = gpu[2] if gpu is not None else self.xb
+        exclude = None if exclude is None else exclude.to(device)
+        kc = min(self.n, k + (exclude is not None) + margin)
+        searcher = gpu[1] if gpu is not None and kc <= _GPU_MAX_K else self.index
+        dist2, ids = searcher.search(np.ascontiguousarray(q.to("cpu", torch.float32).numpy()), kc)
+        dist2, ids = torch.from_numpy(dist2).to(device), torch.from_numpy(ids).to(device)
+        nearest = self._candidate_dist(q, xb, ids, exclude).topk(k, dim=1, largest=False).values
+        if kc == self.n or not self.exact:
+            ok = torch.ones(len(q), dtype=torch.bool, device=device)
+        else:  # no non-candidate can be closer than the k-th: faiss put it after all candidates
+            slack = self._bound(searcher is not self.index) * ((q * q).sum(1) + self.max_sq_norm)
+            ok = (dist2.max(1).values.double() - slack >= nearest[:, -1] ** 2) & (ids >= 0).all(1)
+        ok &= torch.isfinite(nearest[:, -1])  # fewer than k valid candidates (approximate index)
+        out = nearest.mean(1)
+        redo = (~ok).nonzero().squeeze(1)
+        if len(redo):
+            out[redo] = self._brute_force(q[redo], xb, None if exclude is None else exclude[redo], k, margin)
+        return out
+
+    def _candidate_dist(self, q, xb, ids, exclude):
+        """Exact float64 distances ||q - x_id|| (norm of the difference); +inf for excluded or missing ids."""
+        rows = max(1, _CHUNK_ELEMENTS // max(1, ids.shape[1] * q.shape[1]))
+        out = torch.empty(ids.shape, dtype=torch.float64, device=q.device)
+        for i in range(0, len(q), rows):
+            chunk = ids[i:i + rows]
+            cand = xb.index_select(0, chunk.clamp(min=0).reshape(-1)).view(*chunk.shape, -1)
+            out[i:i + rows] = torch.linalg.vector_norm(cand.to(torch.float64).sub_(q[i:i + rows, None]), dim=-1)
+        out[ids < 0] = math.inf
+        if exclude is not None:
+            out[ids == exclude[:, None]] = math.inf
+        return out
+
+    def _brute_force(self, q, xb, exclude, k, margin):
+        """Float64 scan over all points: the fallback when faiss' ranking can't be proven."""
+        kc = min(self.n, k + (exclude is not None) + margin)
+        best_d = torch.full((len(q), 0), math.inf, dtype=torch.float64, device=q.device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
+        q_sq = (q * q).sum(1, keepdim=True)
+        for j in range(0, self.n, _ROWS):
+            block = xb[j:j + _ROWS].to(torch.float64)
+            d2 = q_sq + (block * block).sum(1) - 2 * q @ block.T
+            best_d, pos = torch.cat([best_d, d2], 1).topk(min(kc, best_d.shape[1] + len(block)), 1, largest=False)
+            best_i = torch.cat([best_i, torch.arange(j, j + len(block), device=q.device).expand(len(q), -1)], 1)
+            best_i = best_i.gather(1, pos)
+        return self._candidate_dist(q, xb, best_i, exclude).topk(k, dim=1, largest=False).values.mean(1)
+
+    def _bound(self, on_gpu: bool) -> float:
+        """c with |faiss' squared distance - exact| <= c (||q||^2 + ||x_i||^2) (Higham's gamma_n)."""
+        nu = (self.d + 4) * _U32
+        if nu >= 0.5:
+            return math.inf
+        return 2 * nu / (1 - nu) + 4 * _U32 + (_GPU_SLACK if on_gpu else 0.0)
+
+    def _on_gpu(self, device):
+        """(resources, gpu index, xb) for ``device``, or None when faiss cannot search there."""
+        if device.type != "cuda" or not _faiss_has_gpu():
+            return None
+        dev = device.index if device.index is not None else torch.cuda.current_device()
+        if dev not in self._gpu:
+            try:
+                resources = faiss.StandardGpuResources()
+                self._gpu[dev] = (resources, faiss.index_cpu_to_gpu(resources, dev, self.index),
+                                  self.xb.to(torch.device("cuda", dev)))
+            except Exception as error:  # e.g. an index type without GPU support
+                warnings.warn(f"faiss GPU index unavailable ({error}); searching on the CPU")
+                self._gpu[dev] = None
+        return self._gpu[dev]

@@ -1,0 +1,214 @@
+"""What a certification run reports, for the Callback and the ``certify`` command alike.
+
+* :class:`ReportOptions` and :func:`radius_grid`: the radius grid of the curve, the table and the
+  ``certify/acc@R`` scalars (an explicit list, or 0, step, 2 step, ... up to a maximum, by default
+  just past the largest radius found);
+* :func:`scalars`: the scalar keys logged to every logger (``certify/acc@R``, ``certify/acr``, ...);
+* :func:`plot_curves`: certified accuracy vs radius as a PNG (matplotlib's Agg canvas, no display);
+* :func:`write_summary`: ``summary.json``, written atomically as strict JSON;
+* :func:`log_to_wandb`: the scalars, a (radius, certified accuracy) ``wandb.Table`` with its line
+  plot, the sigma(x) histogram and the PNG, through Lightning's ``WandbLogger``.
+
+Change what is logged here and both paths change with it.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
+from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, check
+
+__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "log_to_wandb", "plot_curves", "radius_grid",
+           "read_summary", "scalars", "fsync_dir", "json_ready", "write_json_atomic", "write_summary"]
+
+Curve = Tuple[Sequence[float], Sequence[float]]
+PathLike = Union[str, "os.PathLike[str]"]
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "certified_accuracy.png"
+_MAX_GRID = 10_000
+
+
+@dataclass
+class ReportOptions:
+    """The radius grid of the reported curve and scalars.
+
+    Args:
+        radii: explicit grid, e.g. [0.25, 0.5, 0.75, 1.0]; overrides radii_step / radii_max.
+        radii_step: step of the grid 0, step, 2 step, ...
+        radii_max: largest radius of the grid (None: just past the largest radius found).
+    """
+
+    radii: Optional[list[NonNegativeFloat]] = None
+    radii_step: PositiveFloat = 0.05
+    radii_max: Optional[NonNegativeFloat] = None
+
+    def __post_init__(self):
+        self.radii_step = check(PositiveFloat, self.radii_step, "radii_step")
+        if self.radii_max is not None:
+            self.radii_max = check(NonNegativeFloat, self.radii_max, "radii_max")
+            if self.radii_max / self.radii_step > _MAX_GRID:
+                raise ValueError(f"the radius grid (radii_max / radii_step) has over {_MAX_GRID:,} points")
+        if self.radii is not None:
+            self.radii = [check(NonNegativeFloat, r, "radii") for r in self.radii]
+            if not self.radii:
+                raise ValueError("radii must hold at least one radius (or be null)")
+
+
+def radius_grid(options: ReportOptions, radius=None) -> np.ndarray:
+    """The grid of ``options``; with no maximum, up to one step past the largest finite ``radius``."""
+    if options.radii is not None:
+        return np.asarray(sorted(set(options.radii)), dtype=np.float64)
+    step, top = options.radii_step, options.radii_max
+    if top is None:
+        finite = np.asarray([] if radius is None else radius, dtype=np.float64)
+        finite = finite[np.isfinite(finite)]
+        top = math.ceil((float(finite.max()) if finite.size else 0.0) / step) * step + step
+    return default_radius_grid(top, step)
+
+
+def curve(summary: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """(radii, certified accuracy) of a summary (``lightning_idrs.statistics.summarize``)."""
+    radii = np.asarray(summary["radii"], dtype=np.float64)
+    return radii, np.asarray([summary["certified_accuracy"][radius_key(r)] for r in radii])
+
+
+def scalars(summary: Mapping) -> dict:
+    """The scalars of a summary under the keys every logger receives."""
+    out = {f"certify/acc@{key}": acc for key, acc in summary["certified_accuracy"].items()}
+    for key in ("acr", "abstain_rate", "clean_accuracy", "mean_sigma"):
+        out[f"certify/{key}"] = float(summary[key])
+    out["certify/num_points"] = float(summary["num_points"])
+    for label, class_curve in summary["class_certified_accuracy"].items():
+        out.update({f"certify/class_{label}/acc@{key}": acc for key, acc in class_curve.items()})
+    return out
+
+
+def curve_from_tsv_columns(columns: Mapping, radii) -> np.ndarray:
+    """Certified accuracy on ``radii`` of TSV columns (``lightning_idrs.tsv_log.read_tsv``)."""
+    if len(columns["idx"]) == 0:
+        raise ValueError("no rows to plot")
+    return certified_accuracy(columns["radius"], columns["correct"], radii)
+
+
+def plot_curves(curves: Mapping[str, Curve], path, title: Optional[str] = None, *, dpi: int = 120,
+                figsize: Tuple[float, float] = (6.0, 4.0)) -> Path:
+    """One or several certified-accuracy curves ``{label: (radii, accuracy)}`` as a PNG at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("no curves to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (radii, acc) in curves.items():
+        radii, acc = np.asarray(radii, dtype=np.float64), np.asarray(acc, dtype=np.float64)
+        if radii.shape != acc.shape or radii.ndim != 1:
+            raise ValueError(f"curve {label!r}: radii and accuracy must be 1-D of equal length")
+        ax.plot(radii, acc, label=str(label), linewidth=1.8)
+    ax.set_xlabel("radius (l2)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlim(left=0.0)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if len(curves) > 1 or next(iter(curves)):
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return path
+
+
+def log_to_wandb(logger, summary: Mapping, png, title: str, sigmas=None, step: Optional[int] = None) -> None:
+    """The curve as a W&B table + line plot, the sigma(x) histogram and the PNG, via a ``WandbLogger``."""
+    import wandb
+
+    radii, accuracy = curve(summary)
+    table = wandb.Table(columns=["radius", "certified_accuracy"], data=np.c_[radii, accuracy].tolist())
+    media = {"certify/table": table,
+             "certify/curve": wandb.plot.line(table, "radius", "certified_accuracy", title=title)}
+    if sigmas is not None:
+        media["certify/sigma"] = wandb.Histogram(np.asarray(sigmas, dtype=np.float64))
+    logger.log_metrics(media, step=step)
+    logger.log_image("certify/plot", [str(png)], step=step)
+
+
+# ------------------------------------------------------------------------------ summary.json
+def fsync_dir(path: Path) -> None:
+    """Make a created/renamed directory entry durable (best effort; not possible everywhere)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def json_ready(obj: Any):
+    """Plain-JSON version of ``obj``: NumPy/torch values to Python, paths to str, non-finite floats to None."""
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, str) else k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [json_ready(v) for v in (sorted(obj) if isinstance(obj, (set, frozenset)) else obj)]
+    if isinstance(obj, (str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # NumPy / torch values, without importing torch
+        return json_ready(obj.tolist())
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    raise TypeError(f"value of type {type(obj).__name__} is not JSON serialisable")
+
+
+def write_json_atomic(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fh.fileno(), 0o644)  # mkstemp creates 0600; results are meant to be shared
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def write_summary(path: PathLike, summary: Mapping[str, Any]) -> None:
+    """Write a summary dict to ``path`` as JSON, atomically (a reader never sees a partial file).
+
+    NumPy / torch scalars and arrays become Python numbers and lists; NaN and infinities become
+    ``null`` so that the file is strict JSON.
+    """
+    write_json_atomic(path, dict(summary))
+
+
+def read_summary(path: PathLike) -> dict:
+    with open(path, "r", encoding="utf-8") as fh:
+        return json.load(fh)
