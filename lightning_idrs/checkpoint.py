@@ -5,6 +5,7 @@ as ``class_path`` + ``init_args``), the datamodule's class and arguments, and th
 entry (written by ``IDRSClassifier.on_save_checkpoint``, read here and nowhere else). Loading
 
 1. reads the file with PyTorch's safe unpickler (``weights_only=True``): no code from the file runs;
+   refuses NaN / inf weights and weights that differ from the digest recorded at save time;
 2. rebuilds the model with jsonargparse from its hyper-parameters (a user's sigma class only has to
    be importable) and loads the state dict;
 3. rebuilds the datamodule (its arguments may be overridden), checks that it is the data the model
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
+from lightning_idrs.digests import state_dict_sha256
 from lightning_idrs.module import CHECKPOINT_KEY, IDRSClassifier
 from lightning_idrs.validation import UsageError, one_line
 
@@ -77,9 +79,26 @@ def _upgrade_legacy(checkpoint: dict) -> None:
         "_extra_state", {"dataset": info.get("dataset"), "data_fingerprint": info.get("data_fingerprint")})
 
 
+def _check_weights(checkpoint: dict, path) -> None:
+    """Every weight finite, and all of them as they were saved (the digest ``fit`` recorded)."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise UsageError(f"{path} holds no weights (no state_dict); use a checkpoint written by `fit`")
+    broken = [name for name, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UsageError(f"{path} has NaN or inf weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}):"
+                         " the run diverged; use a checkpoint saved before it did")
+    expected = checkpoint[CHECKPOINT_KEY].get("weights_sha256")
+    if expected is not None and state_dict_sha256(state) != expected:
+        raise UsageError(f"checkpoint is corrupt: the weights in {path} differ from the digest recorded when it was "
+                         "saved (a damaged or edited file); use an intact copy")
+
+
 def load_model(path) -> tuple[IDRSClassifier, dict, str]:
     """(model on the CPU with its weights, sigma not yet fitted; checkpoint dict; sha256 of the file)."""
     checkpoint, sha256 = read_checkpoint(path)
+    _check_weights(checkpoint, path)
     _upgrade_legacy(checkpoint)
     return _build_model(checkpoint, path), checkpoint, sha256
 

@@ -82,9 +82,9 @@ class ImageTensorDataset(Dataset):
         y = int(self.labels[i])
         return (x, y, i) if self.return_index else (x, y)
 
-    def inputs(self) -> Tensor:
-        """All (untransformed) images as one float32 tensor ``[N, C, H, W]`` in [0, 1]."""
-        return self.images.float().div_(self.scale)
+    def inputs(self, idx: Optional[Tensor] = None) -> Tensor:
+        """The (untransformed) images ``idx`` (default: all) as one float32 tensor ``[n, C, H, W]`` in [0, 1]."""
+        return (self.images if idx is None else self.images[idx]).float().div_(self.scale)
 
 
 class IDRSDataModule(pl.LightningDataModule):

@@ -5,7 +5,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["sha256_hex"]
+__all__ = ["sha256_hex", "state_dict_sha256"]
 
 _ROWS = 4096  # rows hashed per block: bounded memory for any array
 
@@ -26,4 +26,20 @@ def sha256_hex(header: str, *arrays) -> str:
     for array in arrays:
         for block in _blocks(array):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state_dict) -> str:
+    """Hex SHA-256 of a state dict: each entry's name, then a tensor's dtype, shape and bytes (or the
+    repr of any other value, e.g. extra state), in sorted name order. Any changed byte changes it."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        value = state_dict[name]
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(f"{name}|{value!r}|".encode())
     return digest.hexdigest()

@@ -68,7 +68,7 @@ class OrthonormalProjection(Embedding):
         self.register_buffer("components", matrix)
 
     @staticmethod
-    def _orthonormal(components, atol):
+    def _orthonormal(components, atol, polish=True):
         matrix = torch.as_tensor(np.asarray(components) if not torch.is_tensor(components) else components)
         matrix = matrix.detach().to("cpu", torch.float64)
         if matrix.ndim != 2 or matrix.shape[0] < 1 or matrix.shape[0] > matrix.shape[1]:
@@ -83,8 +83,19 @@ class OrthonormalProjection(Embedding):
             raise ValueError(
                 f"components rows are not orthonormal: max |P P^T - I| = {error:.3g} > atol={atol:g}"
             )
+        if not polish:
+            return matrix
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u @ vh  # nearest matrix with exactly orthonormal rows (same row space)
+
+    @property
+    def lipschitz_excess(self) -> float:
+        """How far the computed P's largest singular value may exceed 1: sqrt(1 + ||P P^T - I||_F) - 1."""
+        if self.components.numel() == 0:
+            return 0.0
+        p = self.components.to(torch.float64)
+        error = torch.linalg.matrix_norm(p @ p.T - torch.eye(len(p), dtype=torch.float64, device=p.device)).item()
+        return (1.0 + error * (1 + 2.0**-40)) ** 0.5 - 1.0
 
     @property
     def in_features(self):
@@ -137,8 +148,8 @@ class OrthonormalProjection(Embedding):
             shape = state_dict[key].shape
             self.components = torch.empty(shape, dtype=torch.float64, device=self.components.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if key in state_dict:
-            self.components = self._orthonormal(self.components, self.atol).to(self.components.device)
+        if key in state_dict:  # saved after polishing: check it, keep it bit for bit (sigma(x) must not move)
+            self.components = self._orthonormal(self.components, 1e-12, polish=False).to(self.components.device)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, lipschitz_constant=1"

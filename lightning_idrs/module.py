@@ -17,13 +17,19 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_idrs.digests import state_dict_sha256
 from lightning_idrs.models import build_model
 from lightning_idrs.sigma import KnnSigma, Sigma
 from lightning_idrs.smoothing import add_noise
+from lightning_idrs.validation import UsageError
 
 #: The checkpoint entry with what certification needs besides the weights (read by lightning_idrs.checkpoint).
 CHECKPOINT_KEY = "lightning_idrs"
 _PROBE = 16  # training inputs whose sigma is compared across DDP ranks
+
+
+class TrainingDiverged(UsageError):
+    """The loss or the weights became NaN / inf: training stops and nothing more is saved."""
 
 
 class IDRSClassifier(pl.LightningModule):
@@ -100,6 +106,22 @@ class IDRSClassifier(pl.LightningModule):
         if not self.sigma.is_fitted:
             self.sigma.fit(datamodule.train_inputs())
 
+    def check_training_sigma(self, datamodule, batch_size: int = 4096) -> None:
+        """Refuse, before the first step, a sigma(x) that is NaN, inf or <= 0 for any training point."""
+        train = datamodule.split_dataset("train")
+        for start in range(0, len(train), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(train)))
+            x = train.inputs(idx)
+            with torch.no_grad():
+                sigma = self.sigma.training_sigma(x.to(self.device), idx.to(self.device))
+            bad = ~(torch.isfinite(sigma) & (sigma > 0))
+            if bad.any():
+                first = int(idx[bad.nonzero()[0, 0].cpu()])
+                raise UsageError(
+                    f"sigma(x) is {float(sigma[bad][0])} for training point {first} ({int(bad.sum())} of the "
+                    f"{len(idx)} in its batch are not finite and > 0): {self.sigma.label} over- or underflows; lower the "
+                    "semi-elasticity r, or set m near the training points' mean kNN distance, or change k")
+
     def on_fit_start(self) -> None:
         """Under DDP, check that sigma(x) is identical on every rank (same fit, same state)."""
         if not hasattr(getattr(self.trainer, "datamodule", None), "split_dataset"):
@@ -126,6 +148,11 @@ class IDRSClassifier(pl.LightningModule):
         x, y, idx = batch
         logits = self.model(add_noise(x, self.sigma.training_sigma(x, idx)))
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # stop before the step that would write NaN into the weights
+            raise TrainingDiverged(
+                f"training diverged: the loss is {loss.detach().item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}; nothing is saved from here on. Lower the learning rate "
+                "(--model.optimizer.init_args.lr) or the noise level, or resume from an earlier checkpoint")
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         self.log("train/noisy_acc", self.train_acc, on_epoch=True, on_step=False)
@@ -141,6 +168,14 @@ class IDRSClassifier(pl.LightningModule):
         self.log(f"{stage}/loss", F.cross_entropy(noisy, y), sync_dist=True)
         self.log(f"{stage}/clean_acc", self.eval_acc[f"{stage}_clean"], prog_bar=True)
         self.log(f"{stage}/noisy_acc", self.eval_acc[f"{stage}_noisy"], prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        """Weights that are NaN / inf are never validated, checkpointed or certified."""
+        broken = [name for name, value in self.state_dict().items()
+                  if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise TrainingDiverged(f"training diverged: the weights {', '.join(broken[:3])} hold NaN or inf at "
+                                   f"epoch {self.current_epoch}; lower the learning rate (--model.optimizer.init_args.lr)")
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -176,6 +211,7 @@ class IDRSClassifier(pl.LightningModule):
             "sigma_label": self.sigma.label,
             "semi_elasticity": self._certified_semi_elasticity(),
             "datamodule_class": None if datamodule is None else f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "weights_sha256": state_dict_sha256(checkpoint["state_dict"]),  # checked when the checkpoint is loaded
         }
 
     def _certified_semi_elasticity(self) -> Optional[float]:

@@ -86,6 +86,13 @@ def _check_sigma(sigma, name: str = "sigma") -> np.ndarray:
     return sigma
 
 
+def _check_slack(log_slack) -> np.ndarray:
+    slack = _as_array(log_slack, "log_slack")
+    if (~np.isfinite(slack) | (slack < 0)).any():
+        raise ValueError(f"log_slack must be finite and >= 0, got min {slack.min()}")
+    return slack
+
+
 def _check_dim(dim) -> int:
     if dim is None:
         raise ValueError("dim (the input dimension N) is required when semi_elasticity > 0")
@@ -108,11 +115,14 @@ def cohen_radius(p_a_lower, sigma) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # the worst case (docs/math.md, "the IDRS radius")
 # --------------------------------------------------------------------------------------------
-def _noncentralities(ratio, distance):
-    """lam0, lam1 for sigma0 = 1, sigma1 = ratio, ||x1 - x0|| = distance (distance in sigma0 units)."""
-    gap = (1.0 - ratio) * (1.0 + ratio)  # sigma0^2 - sigma1^2, computed without cancellation
-    lam0 = (distance / gap) ** 2
-    return lam0, ratio**2 * lam0
+def _noncentralities(log_ratio, distance):
+    """(lam0, lam1, ratio^2) for sigma0 = 1, sigma1 = e^log_ratio, ||x1 - x0|| = distance (sigma0 units).
+
+    sigma0^2 - sigma1^2 = -expm1(2 log_ratio) has no cancellation, even for log_ratio ~ 1e-300.
+    """
+    ratio_sq = np.exp(2.0 * log_ratio)
+    lam0 = (distance / -np.expm1(2.0 * log_ratio)) ** 2
+    return lam0, ratio_sq * lam0, ratio_sq
 
 
 def worst_case_probability(p_b, sigma0, sigma1, distance, dim) -> np.ndarray:
@@ -129,9 +139,9 @@ def worst_case_probability(p_b, sigma0, sigma1, distance, dim) -> np.ndarray:
     p_b, sigma0, sigma1, distance = np.broadcast_arrays(p_b, sigma0, sigma1, distance)
     ratio, dist = sigma1 / sigma0, distance / sigma0
     with np.errstate(all="ignore"):
-        lam0, lam1 = _noncentralities(ratio, dist)
-        smaller = stats.ncx2.cdf(stats.ncx2.ppf(p_b, dim, lam0) / ratio**2, dim, lam1)
-        larger = stats.ncx2.sf(stats.ncx2.isf(p_b, dim, lam0) / ratio**2, dim, lam1)
+        lam0, lam1, ratio_sq = _noncentralities(np.log(sigma1) - np.log(sigma0), dist)
+        smaller = stats.ncx2.cdf(stats.ncx2.ppf(p_b, dim, lam0) / ratio_sq, dim, lam1)
+        larger = stats.ncx2.sf(stats.ncx2.isf(p_b, dim, lam0) / ratio_sq, dim, lam1)
     cohen = special.ndtr(special.ndtri(p_b) + dist)
     xi = np.where(ratio < 1, smaller, larger)
     xi = np.where((ratio == 1) | (dist == 0), np.where(dist == 0, p_b, cohen), xi)
@@ -155,7 +165,7 @@ def _ncx2_median_bounds(dim: int, nc: np.ndarray):
         median = median - (stats.ncx2.cdf(median, k, nc) - 0.5) / density
     sd = np.sqrt(var)
     low, high = median.copy(), median.copy()
-    step = 1e-9 * sd + 1e-12 * mean
+    step = 1e-14 * sd + 1e-15 * mean  # a tight bracket keeps the radius tight for pA_lower near 1/2
     need_low = np.ones(median.shape, dtype=bool)
     need_high = need_low.copy()
     for _ in range(40):
@@ -171,26 +181,29 @@ def _ncx2_median_bounds(dim: int, nc: np.ndarray):
     raise FloatingPointError("could not bracket the noncentral chi-square median")
 
 
-def _critical_mass_normalised(distance: np.ndarray, rho: np.ndarray, dim: int) -> np.ndarray:
-    """pB*(R') = min(pB*_<, pB*_>) for sigma0 = 1; distance > 0, rho >= RHO_FLOOR (arrays)."""
+def _critical_mass_normalised(distance: np.ndarray, rho: np.ndarray, dim: int, slack=0.0) -> np.ndarray:
+    """pB*(R') = min(pB*_<, pB*_>) for sigma0 = 1; distance > 0, rho >= RHO_FLOOR (arrays).
+
+    The ends of sigma1's interval are e^{+-(rho R' + slack)} (``slack``: see ``certified_radius``).
+    """
     result = None
-    for sign in (+1.0, -1.0):  # sigma1 = e^{+rho R'} (xi_<) and e^{-rho R'} (xi_>)
-        ratio = np.exp(sign * rho * distance)
-        lam0, lam1 = _noncentralities(ratio, distance)
+    for sign in (+1.0, -1.0):  # sigma1 = e^{+(rho R' + slack)} (xi_<) and e^{-(rho R' + slack)} (xi_>)
+        lam0, lam1, ratio_sq = _noncentralities(sign * (rho * distance + slack), distance)
         m_lo, m_hi = _ncx2_median_bounds(dim, lam1)
         if sign > 0:  # a larger median lowers 1 - F(s^2 m; lam0): conservative side is m_hi
-            result = stats.ncx2.sf(ratio**2 * m_hi, dim, lam0)
+            result = stats.ncx2.sf(ratio_sq * m_hi, dim, lam0)
         else:  # a smaller median lowers F(s^2 m; lam0): conservative side is m_lo
-            mass = stats.ncx2.cdf(ratio**2 * m_lo, dim, lam0)
+            mass = stats.ncx2.cdf(ratio_sq * m_lo, dim, lam0)
             result = np.minimum(result, mass)
     return result
 
 
-def critical_runner_up_mass(distance, sigma0, semi_elasticity, dim) -> np.ndarray:
+def critical_runner_up_mass(distance, sigma0, semi_elasticity, dim, log_slack=0.0) -> np.ndarray:
     """pB*(R): x1 at distance R from x0 is certified iff pB < pB*(R) (both ends of sigma1's range).
 
     Equivalent to xi(R) < 1/2 (module docstring). For semi_elasticity == 0 it is Cohen's
     Phi(-R/sigma0); for rho = r*sigma0 below RHO_FLOOR it is evaluated at RHO_FLOOR (smaller).
+    ``log_slack`` widens sigma1's interval as in :func:`certified_radius`.
     """
     sigma0 = _check_sigma(sigma0, "sigma0")
     r = _as_array(semi_elasticity, "semi_elasticity")
@@ -206,19 +219,20 @@ def critical_runner_up_mass(distance, sigma0, semi_elasticity, dim) -> np.ndarra
     if idrs.any():
         dim = _check_dim(dim)
         rho = np.maximum(r[idrs] * sigma0[idrs], RHO_FLOOR)
-        out[idrs] = np.minimum(out[idrs], _critical_mass_normalised(dist[idrs], rho, dim))
+        slack = np.broadcast_to(_check_slack(log_slack), out.shape)[idrs]
+        out[idrs] = np.minimum(out[idrs], _critical_mass_normalised(dist[idrs], rho, dim, slack))
     return out[()] if out.ndim == 0 else out
 
 
 # --------------------------------------------------------------------------------------------
 # the certified radius
 # --------------------------------------------------------------------------------------------
-def _idrs_radius_normalised(z: np.ndarray, p_b: np.ndarray, rho: np.ndarray, dim: int):
+def _idrs_radius_normalised(z: np.ndarray, p_b: np.ndarray, rho: np.ndarray, dim: int, slack: np.ndarray):
     """Largest verified R' in [0, z] with pB < pB*(R'); z = Phi^{-1}(pA_lower) > 0 (Cohen's R')."""
     target = special.ndtri(p_b)  # = -z; the gap Phi^{-1}(pB*) - Phi^{-1}(pB) is > 0 iff certified
     lo, g_lo = np.zeros_like(z), z.copy()  # R' -> 0: pB* -> 1/2, so the gap tends to z
     hi = z.copy()
-    g_hi = special.ndtri(_critical_mass_normalised(hi, rho, dim)) - target
+    g_hi = special.ndtri(_critical_mass_normalised(hi, rho, dim, slack)) - target
     radius = np.zeros_like(z)
     at_cohen = g_hi > 0  # certified at Cohen's radius already (only through rounding): keep Cohen
     radius[at_cohen] = z[at_cohen]
@@ -233,7 +247,7 @@ def _idrs_radius_normalised(z: np.ndarray, p_b: np.ndarray, rho: np.ndarray, dim
         t = g_lo[a] / (g_lo[a] - g_hi[a])
         t = np.clip(t, 0.02, 0.98)
         mid = lo[a] + t * (hi[a] - lo[a])
-        g_mid = special.ndtri(_critical_mass_normalised(mid, rho[a], dim)) - target[a]
+        g_mid = special.ndtri(_critical_mass_normalised(mid, rho[a], dim, slack[a])) - target[a]
         ok = g_mid > 0
         good, bad = a[ok], a[~ok]
         lo[good], g_lo[good] = mid[ok], g_mid[ok]
@@ -246,14 +260,18 @@ def _idrs_radius_normalised(z: np.ndarray, p_b: np.ndarray, rho: np.ndarray, dim
     return radius
 
 
-def certified_radius(p_a_lower, sigma, semi_elasticity=0.0, dim=None) -> np.ndarray:
+def certified_radius(p_a_lower, sigma, semi_elasticity=0.0, dim=None, log_slack=0.0) -> np.ndarray:
     """Certified l2 radius of the smoothed classifier at x0, vectorised with broadcasting.
 
     Args:
         p_a_lower: lower confidence bound on the top-class probability pA at x0.
-        sigma: the noise level sigma0 = sigma(x0) used at x0.
+        sigma: the noise level sigma0 = sigma(x0) used at x0 (the value the noise used).
         semi_elasticity: r such that log sigma(.) is r-Lipschitz in l2 (0: constant sigma).
         dim: input dimension N (required when semi_elasticity > 0).
+        log_slack: s >= 0 such that |log sigma(x) - log sigma(y)| <= r ||x - y|| + s for x != y, for
+            the floating-point sigma that the noise used (rounding; docs/math.md, "Floating point").
+            sigma1 then lies in [sigma0 e^{-(rR + s)}, sigma0 e^{rR + s}]. Ignored where r == 0 (a
+            constant sigma is the same number everywhere).
 
     Returns:
         0 where p_a_lower <= 1/2; Cohen's sigma * Phi^{-1}(p_a_lower) where r == 0; otherwise the
@@ -270,13 +288,13 @@ def certified_radius(p_a_lower, sigma, semi_elasticity=0.0, dim=None) -> np.ndar
         dim = _check_dim(dim)
     elif dim is not None:
         _check_dim(dim)
-    p, sigma, r = np.broadcast_arrays(p, sigma, r)
+    p, sigma, r, slack = np.broadcast_arrays(p, sigma, r, _check_slack(log_slack))
     radius = cohen_radius(p, sigma)
     idrs = (r > 0) & (p > 0.5) & (p < 1.0)
     if idrs.any():
         z = radius[idrs] / sigma[idrs]
         rho = np.maximum(r[idrs] * sigma[idrs], RHO_FLOOR)
-        normalised = _idrs_radius_normalised(z, 1.0 - p[idrs], rho, dim)
+        normalised = _idrs_radius_normalised(z, 1.0 - p[idrs], rho, dim, slack[idrs])
         radius[idrs] = np.minimum(radius[idrs], sigma[idrs] * normalised)
     return radius[()] if radius.ndim == 0 else radius
 
@@ -284,14 +302,33 @@ def certified_radius(p_a_lower, sigma, semi_elasticity=0.0, dim=None) -> np.ndar
 # --------------------------------------------------------------------------------------------
 # curse of dimensionality
 # --------------------------------------------------------------------------------------------
+def _log_equation_roots(c: np.ndarray):
+    """The roots t_low < 0 < t_high of log(1 + t) - t = c for c < 0 (u = 1 + t solves log u + 1 - u = c).
+
+    Start: the Lambert W solution u = -W_k(-e^{c-1}) where it is accurate, and near the branch point
+    (|c| < 1e-3, i.e. large N) the series t = -p + p^2/3 - 11 p^3 / 72 with p = +-sqrt(-2c); then three
+    Newton steps on log1p(t) - t - c, which has no cancellation however small t is.
+    """
+    w = np.sqrt(-2.0 * c)
+    arg = -np.exp(c - 1.0)
+    roots = []
+    for branch, p in ((0, w), (-1, -w)):
+        series = -p + p**2 / 3.0 - 11.0 * p**3 / 72.0
+        t = np.where(np.abs(c) < 1e-3, series, -special.lambertw(arg, branch).real - 1.0)
+        for _ in range(3):
+            t = t + (np.log1p(t) - t - c) * (1.0 + t) / t
+        roots.append(t)
+    return roots
+
+
 def sigma_ratio_bounds(p_b, dim):
     """Thresholds on s = sigma1/sigma0 outside which x1 can never be certified (Thm. 2.4).
 
     sigma1 < sigma0: impossible if log(s^2) + 1 - s^2 < 2 log(pB)/N.
     sigma1 > sigma0: impossible if the same holds for s^2 (N-1)/N.
-    With c = 2 log(pB)/N, log u + 1 - u = c has the two roots u = -W_k(-e^{c-1}) (Lambert W,
-    branches k = 0 below 1 and k = -1 above 1). Returns (lower, upper) with
-    lower = sqrt(u_0) and upper = sqrt(u_{-1} N/(N-1)); for N == 1 the upper bound is inf.
+    With c = 2 log(pB)/N, log u + 1 - u = c has two roots u_low < 1 < u_high (computed without
+    cancellation for any N, see ``_log_equation_roots``). Returns (lower, upper) with
+    lower = sqrt(u_low) and upper = sqrt(u_high N/(N-1)); for N == 1 the upper bound is inf.
     """
     p_b = _check_probability(p_b, "p_b")
     if ((p_b <= 0) | (p_b >= 1)).any():
@@ -300,12 +337,11 @@ def sigma_ratio_bounds(p_b, dim):
     if (dim < 1).any() or (np.floor(dim) != dim).any():
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     dim = dim.astype(np.float64)
-    arg = -np.exp(2.0 * np.log(p_b) / dim - 1.0)
-    u_low = -special.lambertw(arg, 0).real
-    u_high = -special.lambertw(arg, -1).real
-    lower = np.sqrt(u_low)
+    t_low, t_high = _log_equation_roots(2.0 * np.log(p_b) / dim)
+    lower = np.sqrt(1.0 + t_low)
     with np.errstate(divide="ignore"):
-        upper = np.where(dim > 1, np.sqrt(u_high * dim / np.maximum(dim - 1.0, 0.0)), np.inf)
+        # u_high N / (N - 1) = (1 + t_high)(1 + 1/(N - 1)), without forming N / (N - 1) - 1
+        upper = np.where(dim > 1, np.sqrt((1.0 + t_high) * (1.0 + 1.0 / np.maximum(dim - 1.0, 1.0))), np.inf)
     if lower.ndim == 0:
         return float(lower), float(upper)
     return lower, upper

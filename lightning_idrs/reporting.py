@@ -212,3 +212,63 @@ def write_summary(path: PathLike, summary: Mapping[str, Any]) -> None:
 def read_summary(path: PathLike) -> dict:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# ------------------------------------------------------------------------------ Weights & Biases
+_WANDB_FOLDERS = {"WANDB_CACHE_DIR": ".cache", "WANDB_CONFIG_DIR": ".config", "WANDB_DATA_DIR": ".data",
+                  "WANDB_ARTIFACT_DIR": ".artifacts"}
+_SET_BY_US: dict = {}
+
+
+def keep_wandb_files_under(root) -> Path:
+    """Point W&B's own logs, cache, settings and artifact staging at ``root/wandb`` (not the home folder).
+
+    A variable the user set stays as it is. Returns the W&B folder; OSError if it cannot be written.
+    """
+    folder = Path(root) / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    for variable, name in _WANDB_FOLDERS.items():
+        current = os.environ.get(variable)
+        if current is None or current == _SET_BY_US.get(variable):
+            os.environ[variable] = _SET_BY_US[variable] = str((folder / name).resolve())
+    return folder
+
+
+def wandb_online_problem(timeout: float = 10.0) -> Optional[str]:
+    """Why W&B cannot log online now (no API key, server unreachable, key refused), or None.
+
+    Takes at most about 2 * ``timeout`` seconds: a TCP connect, then one authenticated request.
+    """
+    import base64
+    import netrc
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    url = urllib.parse.urlparse(base)
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            entry = netrc.netrc().authenticators(url.hostname or "")
+        except (OSError, netrc.NetrcParseError):
+            entry = None
+        key = entry[2] if entry else None
+    if not key:
+        return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        return f"cannot reach {url.hostname}:{port} ({error})"
+    request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "query { viewer { id } }"}',
+                                     headers={"Content-Type": "application/json", "Authorization": "Basic "
+                                              + base64.b64encode(f"api:{key}".encode()).decode()})
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as error:
+        return f"the W&B server refused the API key (HTTP {error.code})" if error.code in (401, 403) else None
+    except OSError as error:
+        return f"no answer from {base} ({error})"
+    return None

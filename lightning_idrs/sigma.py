@@ -11,6 +11,8 @@ docs/extending.md says what an implementation must guarantee and shows one.
 
 from typing import Optional
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -55,7 +57,14 @@ class Sigma(Configurable, nn.Module):
       before certification (also after loading a checkpoint); returns self.
     * ``training_sigma(x, idx)``: the level for training points ``idx`` (positions in ``train``);
       defaults to ``forward(x)``.
+    * ``log_error(sigma, reach)``: a bound on |log forward(y) - log sigma(y)| (floating-point error
+      of forward against the exact r-semi-elastic function) for every y within ``reach`` of a point
+      where forward returned ``sigma``. The default, one rounding to float32 of a value computed in
+      float64, fits a forward that computes in float64; override it otherwise.
     """
+
+    #: log_error's default: one float32 rounding (2^-24 relative) plus a margin for float64 arithmetic
+    DEFAULT_LOG_ERROR = 2.0**-24 * (1 + 2.0**-20) + 2.0**-40
 
     def fit(self, train: torch.Tensor) -> "Sigma":
         return self
@@ -70,6 +79,9 @@ class Sigma(Configurable, nn.Module):
 
     def training_sigma(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return self(x)
+
+    def log_error(self, sigma: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(sigma, self.DEFAULT_LOG_ERROR, dtype=torch.float64)
 
     @property
     def label(self) -> str:
@@ -99,6 +111,9 @@ class ConstantSigma(Sigma):
     @property
     def semi_elasticity(self) -> float:
         return 0.0
+
+    def log_error(self, sigma, reach):
+        return torch.zeros_like(sigma, dtype=torch.float64)  # the same number everywhere
 
     @property
     def label(self) -> str:
@@ -164,6 +179,7 @@ class KnnSigma(Sigma):
             NonNegativeInt, candidate_margin, "candidate_margin")
         self.batch_size = check(PositiveInt, batch_size, "batch_size")
         self.fingerprint = None
+        self._input_features = 0  # N of the training inputs (set by fit; enters log_error)
         self._index: Optional[KnnIndex] = None
         self._fitted_with = None  # (fingerprint, k, index_factory, phi state hash) of self._index
         self.register_buffer("_train_dist", torch.empty(0, dtype=torch.float64), persistent=False)
@@ -230,6 +246,7 @@ class KnnSigma(Sigma):
         if not np.isfinite(emb).all():
             raise ValueError("embedding(train) contains NaN or inf values")
         self._index = KnnIndex(emb, self.index_factory)
+        self._input_features = math.prod(train.shape[1:])
         self.fingerprint = fingerprint
         self._fitted_with = self._index_key()
         self._train_dist = torch.empty(0, dtype=torch.float64, device=self._train_dist.device)
@@ -240,8 +257,30 @@ class KnnSigma(Sigma):
         return self
 
     def forward(self, x):
-        """sigma(x) for a batch [B, ...]: float32 [B] on x's device."""
+        """sigma(x) for a batch [B, ...]: float32 [B] on x's device (computed in float64, then rounded)."""
         return self.sigma_from_distance(self.mean_knn_distance(x)).to(torch.float32)
+
+    def log_error(self, sigma, reach):
+        """Floating-point error of log forward(y) within ``reach`` of a point with level ``sigma``.
+
+        forward is r (d_k - m) + log sigma_b in float64, d_k a mean of k norms ||phi(y) - mu - c_i||,
+        rounded to float32 at the end (2^-24 relative). Standard forward-error bounds (Higham, ch. 3)
+        give |d_k^ - d_k| <= g (d_k + 2 B) with g = (D_in + D + k + 16) 2^-52 and
+        B = max ||c_i|| + ||mu||, for phi evaluated in float64; and d_k(y) <= d_k(x) + Lip(phi) reach
+        (d_k is Lip(phi)-Lipschitz in y; ``embedding.lipschitz_excess`` allows for a computed phi whose
+        constant exceeds the declared one by a hair). See docs/math.md, "Floating point".
+        """
+        if self.r == 0.0:
+            return torch.zeros_like(sigma, dtype=torch.float64)
+        self._require_fitted()
+        index, lip = self._index, self.lipschitz_constant or 1.0
+        d = self.m + torch.log(sigma.double() / self.sigma_base) / self.r + lip * reach.double()
+        bound = math.sqrt(index.max_sq_norm) + float(index.mu.norm())
+        gamma = (self._input_features + index.d + self.k + 16) * 2.0**-52
+        float64 = self.r * gamma * (d.clamp(min=0) + 2 * bound) + self.r * abs(self.m) * 2.0**-52 + 8 * 2.0**-53
+        # an embedding whose computed Lipschitz constant may exceed the declared one by a hair
+        float64 = float64 + self.r * lip * getattr(self.embedding, "lipschitz_excess", 0.0) * reach.double()
+        return float64 - math.log1p(-(2.0**-24))  # plus the rounding of the result to float32
 
     @torch.no_grad()
     def mean_knn_distance(self, x):

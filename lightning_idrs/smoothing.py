@@ -22,12 +22,20 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
-from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check
+from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "CertifySettings", "Certificates", "CertifiedChunk", "SmoothedClassifier", "add_noise",
+__all__ = ["ABSTAIN", "BrokenModelError", "CertifySettings", "Certificates", "CertifiedChunk", "SmoothedClassifier", "add_noise",
            "certify_chunks", "chunk_seed", "clopper_pearson_lower", "plan_chunks"]
+
+
+class BrokenModelError(UsageError):
+    """The base classifier returned NaN / inf logits: its weights are broken, no certificate is issued."""
+
+    def __init__(self, message: str, positions=()):
+        super().__init__(message)
+        self.positions = list(positions)  # positions in the batch of the inputs concerned
 
 
 def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -109,7 +117,8 @@ class SmoothedClassifier:
         alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
         r = float(self.sigma.semi_elasticity)  # raises if the sigma function cannot be certified
-        sigma = self._sigmas(x)
+        computed = self._sigmas(x)
+        sigma = computed.to(x.dtype)  # the level the noise multiplies: the certificate is about this one
         guess = self._sample_counts(x, sigma, n0, batch_size, generator).argmax(dim=1)
         counts = self._sample_counts(x, sigma, n, batch_size, generator)
         n_a = counts.gather(1, guess[:, None])[:, 0].cpu().numpy()
@@ -118,7 +127,8 @@ class SmoothedClassifier:
         certified = p_a_lower >= 0.5
         prediction = np.where(certified, guess.cpu().numpy(), ABSTAIN)
         dim = math.prod(x.shape[1:])
-        radius = certified_radius(p_a_lower, sigma_np, r, dim if r > 0 else None)
+        slack = self._log_slack(computed, sigma, r)
+        radius = certified_radius(p_a_lower, sigma_np, r, dim if r > 0 else None, slack)
         return Certificates(prediction, p_a_lower, sigma_np, np.where(certified, radius, 0.0))
 
     def predict(self, x, n: int, alpha: float, batch_size: int, generator=None) -> np.ndarray:
@@ -153,6 +163,22 @@ class SmoothedClassifier:
             raise ValueError("sigma(x) must be finite and > 0 for every input")
         return sigma
 
+    def _log_slack(self, computed: torch.Tensor, used: torch.Tensor, r: float) -> np.ndarray:
+        """s_i with |log sigma_used(x_i) - log sigma_used(y)| <= r ||x_i - y|| + s_i (docs/math.md, "Floating point").
+
+        sigma_used is sigma(x) rounded to the noise's dtype: twice (x_i and y) the rounding, plus twice
+        the sigma function's own error bound within reach of x_i. The reach is 40 sigma_i: no radius
+        exceeds Cohen's sigma * Phi^{-1}(pA_lower), and Phi^{-1} < 38.5 below 1 in float64.
+        """
+        if r == 0.0:
+            return np.zeros(len(used))
+        rounding = 0.0
+        if torch.finfo(computed.dtype).eps < torch.finfo(used.dtype).eps:
+            unit = torch.finfo(used.dtype).eps / 2
+            rounding = -math.log1p(-unit)
+        error = self.sigma.log_error(computed.double(), 40.0 * used.double())
+        return 2.0 * (rounding + error.double().cpu().numpy())
+
     @torch.inference_mode()
     def _sample_counts(self, x, sigma, num: int, batch_size: int, generator) -> torch.Tensor:
         """counts[i, c] = #{j < num : f(x_i + sigma_i * eps_ij) = c}, in batches that mix inputs.
@@ -166,11 +192,21 @@ class SmoothedClassifier:
             base.eval()
         try:
             counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.long, device=x.device)
+            broken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # non-finite logits per input
             total = x.shape[0] * num
             for start in range(0, total, batch_size):
                 owner = torch.arange(start, min(start + batch_size, total), device=x.device) // num
-                predictions = base(add_noise(x[owner], sigma[owner], generator)).argmax(dim=1)
+                logits = base(add_noise(x[owner], sigma[owner], generator))
+                if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+                    raise ValueError(f"the base classifier returns logits of shape {tuple(logits.shape)}; expected "
+                                     f"[{len(owner)}, {self.num_classes}] (num_classes={self.num_classes})")
+                broken.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).long())
+                predictions = logits.argmax(dim=1)
                 counts.index_put_((owner, predictions), torch.ones_like(predictions), accumulate=True)
+            if broken.any():  # one check per call: no host sync per batch
+                positions = broken.nonzero().flatten().tolist()
+                raise BrokenModelError(f"the base classifier returned NaN or inf logits for input(s) {positions[:10]} "
+                                       "of the batch: its weights are broken, no certificate is issued", positions)
             return counts
         finally:
             if isinstance(base, nn.Module):
@@ -210,7 +246,14 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
         labels = np.asarray([int(item[1]) for item in items], dtype=np.int64)
         generator = torch.Generator(device=device).manual_seed(chunk_seed(settings.seed, c))
         start = time.perf_counter()
-        with torch.inference_mode():
-            certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size, generator)
+        try:
+            with torch.inference_mode():
+                certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size,
+                                                generator)
+        except BrokenModelError as error:  # name the data set's points, not positions in the chunk
+            points = [int(indices[p]) for p in error.positions]
+            raise BrokenModelError(f"the base classifier returned NaN or inf logits on noisy copies of data set "
+                                   f"point(s) {points[:10]}: its weights are broken, no certificate is issued",
+                                   points) from None
         seconds = (time.perf_counter() - start) / len(indices)
         yield CertifiedChunk(c, np.asarray(indices), labels, certificates, seconds)

@@ -199,7 +199,7 @@ def test_batching_shapes_and_empty():
     small = KnnSigma(0.5, 1.0, 4, batch_size=5).fit(train)
     big = KnnSigma(0.5, 1.0, 4, batch_size=4096).fit(train)
     torch.testing.assert_close(small(x), big(x), rtol=1e-6, atol=0)
-    assert small(x.double()).dtype == torch.float32
+    assert small(x.double()).dtype == small(x).dtype == torch.float32
     assert small(x[:0]).shape == (0,)
 
 

@@ -27,18 +27,30 @@ USAGE = "usage: python -m lightning_idrs COMMAND [options]\n\ncommands:\n" + "".
 
 _KEY = re.compile(r'Parser key "([^"]+)":')
 _RULE = re.compile(r"must be [^;]*")
+_NOT_ACCEPTED = re.compile(r"class_path '([^']+)': Option '([^']+)' is not accepted")
+_TYPE = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 
 
 def describe_parse_error(error) -> str:
-    """A jsonargparse error as one line naming the option: ``--model.sigma.k must be an integer >= 1, got 0``."""
+    """A jsonargparse error as one line naming the option, e.g. ``--model.sigma.k must be an integer >= 1, got 0``."""
     text = one_line(error)
-    keys = _KEY.findall(text)
-    if not keys:
+    key = ""
+    for part in _KEY.findall(text):  # nested keys; jsonargparse sometimes repeats the last one
+        if part != "init_args" and not key.endswith(part):
+            key = f"{key}.{part}" if key else part
+    if not key:
         return text
-    key = ".".join(k for k in keys if k != "init_args")
     detail = _KEY.split(text)[-1].strip()
-    rule = _RULE.search(detail)  # a rule of lightning_idrs.validation, however deeply jsonargparse nests it
-    return f"--{key} {rule.group(0)}" if rule else f"--{key}: {detail}"
+    rule = _RULE.search(detail)  # a rule of lightning_idrs.validation, however deeply it is nested
+    if rule:
+        return f"--{key} {rule.group(0)}"
+    unknown = _NOT_ACCEPTED.search(detail)
+    if unknown:
+        return f"--{key}.{unknown.group(2)} is not an option of {unknown.group(1)}"
+    errors = [e.strip() for e in re.findall(r"- ([^;]+)", detail) if "NoneType" not in e] or [detail.split(";")[0]]
+    given = re.search(r"Given value: (.*)$", detail)
+    got = f", got {given.group(1)}" if given and "NestedArg" not in given.group(1) else ""
+    return f"--{key}: {_TYPE.sub(lambda m: m.group(1), errors[0]).replace('Expected a ', 'expected ')}{got}"
 
 
 def guarded(function, argv) -> int:

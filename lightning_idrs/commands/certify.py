@@ -182,16 +182,29 @@ def certify_points(log, smoothed, dataset, selected: np.ndarray, opts: CertifyOp
     return written
 
 
+def _wandb_offline(mode: str) -> bool:
+    """Offline unless online was asked for and is possible now (else one warning, and offline)."""
+    from lightning_idrs.reporting import wandb_online_problem
+
+    problem = wandb_online_problem() if mode == "online" else None
+    if problem is not None:
+        print(f"warning: W&B cannot log online: {problem}; logging offline instead (`wandb sync` uploads the "
+              "run later)", file=sys.stderr, flush=True)
+    return mode != "online" or problem is not None
+
+
 def _log_wandb(out: Path, summary: dict, png: Path, sigmas, wandb_opts: WandbOptions) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    from lightning_idrs.reporting import log_to_wandb, scalars
+    from lightning_idrs.reporting import keep_wandb_files_under, log_to_wandb, scalars
 
     import wandb
 
+    keep_wandb_files_under(out)
     config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    logger = WandbLogger(save_dir=str(out), project=wandb_opts.project, offline=wandb_opts.mode == "offline",
-                         job_type="certify", config=config, reinit="create_new", settings=wandb.Settings(silent=True))
+    logger = WandbLogger(save_dir=str(out), project=wandb_opts.project, offline=_wandb_offline(wandb_opts.mode),
+                         job_type="certify", config=config, reinit="create_new",
+                         settings=wandb.Settings(silent=True, init_timeout=30))
     try:
         logger.log_metrics(scalars(summary))
         log_to_wandb(logger, summary, png, summary["sigma_label"], sigmas=sigmas)

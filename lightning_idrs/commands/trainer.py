@@ -8,6 +8,11 @@ can be named without its path: ``--config cifar10 --config rs``.
 ``validate`` / ``test --ckpt_path CKPT`` evaluate the checkpoint's model (read by the one loader,
 :mod:`lightning_idrs.checkpoint`) on the checkpoint's own data module; ``--data.*`` flags and a
 ``--config`` with a ``data:`` section override it.
+
+Before a logger or W&B run exists, every run checks what it can: the output folder is writable, the
+data is there (or downloads), the model fits the data, and (fit) sigma(x) is finite on every training
+point. Any problem is one ``error:`` line and exit code 2. W&B keeps its own files under the run's
+folder and falls back to offline logging (with one warning) when online logging is not possible.
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
 
-from lightning_idrs.checkpoint import datamodule_config, load_model
-from lightning_idrs.data import IDRSDataModule
+from lightning_idrs.checkpoint import datamodule_config, load_model, read_checkpoint
+from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
+from lightning_idrs.reporting import keep_wandb_files_under, wandb_online_problem
+from lightning_idrs.validation import UsageError, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "digits.yaml"
@@ -33,6 +40,22 @@ def _loggers(trainer_config):
     if isinstance(logger, list):
         return logger
     return [logger] if logger is not None and not isinstance(logger, bool) else []
+
+
+def writable_folder(path, option: str) -> Path:
+    """``path`` created if needed and proven writable, or UsageError naming ``option``."""
+    import tempfile
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UsageError(f"{option} {path} is not a writable folder ({error.strerror or error}); "
+                         "choose another one") from None
+    return folder
 
 
 class IDRSCLI(LightningCLI):
@@ -47,18 +70,58 @@ class IDRSCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """Loggers write under ``--trainer.default_root_dir`` unless given a save_dir of their own."""
+        """The output folder is writable; loggers write under it; W&B online only if it can."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        root = config.trainer.get("default_root_dir") or "."
+        if config.get("weights_only") is False:
+            raise UsageError("--weights_only false is not supported: checkpoints are read with the safe unpickler")
+        root = writable_folder(config.trainer.get("default_root_dir") or ".", "--trainer.default_root_dir")
         for logger in _loggers(config.trainer):
             init_args = logger.get("init_args") if hasattr(logger, "get") else None
-            if init_args is not None and init_args.get("save_dir") in (None, ".", "./"):
+            if init_args is None:
+                continue
+            if init_args.get("save_dir") in (None, ".", "./"):
                 init_args["save_dir"] = str(root)
+            if str(logger.get("class_path", "")).endswith("WandbLogger"):
+                self._prepare_wandb(init_args)
+
+    @staticmethod
+    def _prepare_wandb(init_args) -> None:
+        keep_wandb_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
+        if not init_args.get("offline"):
+            problem = wandb_online_problem()
+            if problem is not None:
+                print(f"warning: W&B cannot log online: {problem}; logging offline instead "
+                      "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
+                init_args["offline"] = True
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as error:  # a constructor refused its arguments
+            raise UsageError(one_line(error)) from None
         if self.checkpoint_model is not None:
             self.model = self.checkpoint_model
+
+    def after_instantiate_classes(self) -> None:
+        """Data present, model and data agree, sigma(x) usable: checked before any logger starts."""
+        if self.subcommand not in ("fit", "validate", "test"):
+            return
+        datamodule, model = self.datamodule, self.model
+        try:
+            if getattr(datamodule, "download", False):
+                datamodule.prepare_data()
+        except Exception as error:  # torchvision raises anything from URLError to RuntimeError
+            raise UsageError(f"cannot download the {datamodule.name} data into {datamodule.root!r}: "
+                             f"{one_line(error)[:400]}; check the network, or put the files there yourself") from None
+        model.to(self.trainer.strategy.root_device)
+        try:
+            model.attach_data(datamodule)
+        except DataNotFoundError as error:
+            raise UsageError(one_line(error)) from None
+        except ValueError as error:
+            raise UsageError(f"the model and the data do not fit together: {one_line(error)}") from None
+        if self.subcommand == "fit":
+            model.check_training_sigma(datamodule)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback
@@ -110,6 +173,10 @@ def cli_main(args=None) -> IDRSCLI:
         if ckpt_path:
             checkpoint_model, checkpoint, _ = load_model(ckpt_path)
             args = [args[0], "--data=" + json.dumps(datamodule_config(checkpoint)), *options]
+    elif args and args[0] == "fit":
+        resume = _pop_option(list(args), "--ckpt_path")
+        if resume and resume not in ("last", "hpc", "registry"):  # Lightning resolves those itself, safely
+            read_checkpoint(resume)  # the safe unpickler; one clear line if the file is refused
     # we always pass the (resolved) command line as args: Lightning's warning about it does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     subcommand_defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
