@@ -346,3 +346,29 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
     start = time.monotonic()
     assert wandb_online_problem().startswith("cannot reach 127.0.0.1:9")
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--model.sigma.k", "5000"], "error: the model and the data do not fit together: k must be smaller"),
+    (["--model.sigma.semi_elasticity", "-1"], "error: --model.sigma.semi_elasticity must be a finite number >= 0"),
+])
+def test_a_bad_fit_prints_exactly_one_line(tmp_path, flags, line):
+    result = subprocess.run([sys.executable, "-m", "lightning_idrs", "fit", "--trainer.default_root_dir",
+                             str(tmp_path / "run"), *flags], env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(line), result.stderr
+    assert result.stdout == ""
+    nothing_to_trust(tmp_path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--certify.split", "bogus"], "--certify.split must be one of test, val, train, got bogus"),
+    (["--wandb.mode", "maybe"], "--wandb.mode must be one of offline, online, disabled, got maybe"),
+    (["--certify.n0", "2.5"], "--certify.n0 must be an integer >= 1, got 2.5"),
+    (["--certify.radii_step", "0"], "--certify.radii_step must be a finite number > 0, got 0"),
+    (["--config", "missing.yaml"], "--config: no such file: missing.yaml"),
+])
+def test_certify_bad_options(flags, message, checkpoint, tmp_path, capsys):
+    fails_cleanly(capsys, ["certify", "--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(tmp_path / "o"),
+                           *flags], message)
+    assert not (tmp_path / "o").exists()

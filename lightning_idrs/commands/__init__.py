@@ -28,6 +28,7 @@ USAGE = "usage: python -m lightning_idrs COMMAND [options]\n\ncommands:\n" + "".
 _KEY = re.compile(r'Parser key "([^"]+)":')
 _RULE = re.compile(r"must be [^;]*")
 _NOT_ACCEPTED = re.compile(r"class_path '([^']+)': Option '([^']+)' is not accepted")
+_LITERAL = re.compile(r"Literal\[(.*?)\]\.? Got value: ([^;]*)")
 _TYPE = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
 
 
@@ -44,6 +45,10 @@ def describe_parse_error(error) -> str:
     rule = _RULE.search(detail)  # a rule of lightning_idrs.validation, however deeply it is nested
     if rule:
         return f"--{key} {rule.group(0)}"
+    choice = _LITERAL.search(detail)
+    if choice:
+        options = ", ".join(re.findall(r"'([^']*)'", choice.group(1)))
+        return f"--{key} must be one of {options}, got {choice.group(2)}"
     unknown = _NOT_ACCEPTED.search(detail)
     if unknown:
         return f"--{key}.{unknown.group(2)} is not an option of {unknown.group(1)}"

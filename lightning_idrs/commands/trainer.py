@@ -17,9 +17,12 @@ folder and falls back to offline logging (with one warning) when online logging 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 from pytorch_lightning.cli import LightningCLI
@@ -42,6 +45,39 @@ def _loggers(trainer_config):
     return [logger] if logger is not None and not isinstance(logger, bool) else []
 
 
+class _StartupMessages:
+    """Lightning's start-up messages ("Seed set to 0", "GPU available: ...") are held back until the
+    checks have passed, so that bad input prints its error line alone; its product tips are dropped."""
+
+    NAMES = ("pytorch_lightning", "lightning_fabric")
+
+    def __init__(self):
+        self.loggers = [logging.getLogger(name) for name in self.NAMES]
+        self.saved = [logger.handlers[:] for logger in self.loggers]
+        self.buffer = MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+        for logger in self.loggers:
+            logger.handlers = [self.buffer]
+
+    def restore(self, replay: bool) -> None:
+        if self.buffer is None:
+            return
+        for logger, handlers in zip(self.loggers, self.saved):
+            logger.handlers = handlers
+        for record in self.buffer.buffer if replay else ():
+            if not record.getMessage().startswith("💡 Tip"):
+                logging.getLogger(record.name).handle(record)
+        self.buffer = None
+
+
+@contextmanager
+def _held_startup_messages():
+    messages = _StartupMessages()
+    try:
+        yield messages
+    finally:
+        messages.restore(replay=False)  # a failure before the checks passed: only its error line
+
+
 def writable_folder(path, option: str) -> Path:
     """``path`` created if needed and proven writable, or UsageError naming ``option``."""
     import tempfile
@@ -61,8 +97,9 @@ def writable_folder(path, option: str) -> Path:
 class IDRSCLI(LightningCLI):
     """LightningCLI that feeds data properties to the model and keeps all output in one folder."""
 
-    def __init__(self, *args, checkpoint_model=None, **kwargs):
+    def __init__(self, *args, checkpoint_model=None, startup_messages=None, **kwargs):
         self.checkpoint_model = checkpoint_model  # validate/test: the model of --ckpt_path
+        self.startup_messages = startup_messages  # released once the checks have passed
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -122,6 +159,8 @@ class IDRSCLI(LightningCLI):
             raise UsageError(f"the model and the data do not fit together: {one_line(error)}") from None
         if self.subcommand == "fit":
             model.check_training_sigma(datamodule)
+        if self.startup_messages is not None:
+            self.startup_messages.restore(replay=True)
 
     def after_fit(self) -> None:
         callback = self.trainer.checkpoint_callback
@@ -180,17 +219,19 @@ def cli_main(args=None) -> IDRSCLI:
     # we always pass the (resolved) command line as args: Lightning's warning about it does not apply
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     subcommand_defaults = {"default_config_files": [str(DEFAULT_CONFIG)]}
-    return IDRSCLI(
-        IDRSClassifier,
-        IDRSDataModule,
-        subclass_mode_data=True,
-        args=args,
-        checkpoint_model=checkpoint_model,
-        parser_kwargs={"prog": "python -m lightning_idrs", "exit_on_error": False,
-                       **{name: {**subcommand_defaults, "exit_on_error": False}
-                          for name in ("fit", "validate", "test", "predict")}},
-        save_config_kwargs={"overwrite": True},
-    )
+    with _held_startup_messages() as messages:
+        return IDRSCLI(
+            IDRSClassifier,
+            IDRSDataModule,
+            subclass_mode_data=True,
+            args=args,
+            checkpoint_model=checkpoint_model,
+            startup_messages=messages,
+            parser_kwargs={"prog": "python -m lightning_idrs", "exit_on_error": False,
+                           **{name: {**subcommand_defaults, "exit_on_error": False}
+                              for name in ("fit", "validate", "test", "predict")}},
+            save_config_kwargs={"overwrite": True},
+        )
 
 
 def main(argv=None) -> int:
