@@ -22,8 +22,9 @@ setup(
     install_requires=REQUIREMENTS,
     extras_require={
         "test": ["pytest>=7"],
-        # A CUDA build of faiss; faiss-cpu stays the default. Uninstall faiss-cpu first.
-        "gpu": ["faiss-gpu-cu12>=1.8"],
+        # A CUDA 13 build of faiss, matching pip's torch 2.14 (CUDA 13.0); faiss-cpu stays the default.
+        # Uninstall faiss-cpu first (both provide the faiss module).
+        "gpu": ["faiss-cuda>=1.14"],
     },
     entry_points={"console_scripts": ["lightning-idrs=lightning_idrs.commands:main"]},
 )

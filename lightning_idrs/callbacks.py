@@ -8,9 +8,9 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_idrs.metric import CertifiedAccuracy
 from lightning_idrs.reporting import ReportOptions, curve, log_to_wandb, plot_curves, radius_grid, scalars
-from lightning_idrs.smoothing import CertifySettings, SmoothedClassifier, certify_chunks, plan_chunks
+from lightning_idrs.smoothing import ROW_FIELDS, CertifySettings, SmoothedClassifier, certify_sharded, plan_chunks
+from lightning_idrs.statistics import summarize
 from lightning_idrs.validation import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 
 
@@ -34,9 +34,9 @@ class CertificationCallback(Callback):
 
     Uses the model's own base classifier and sigma(x), and the IDRS radius for sigma's
     semi-elasticity (Cohen's for a constant sigma). Points are certified in the same seeded chunks
-    as the ``certify`` command (:func:`lightning_idrs.smoothing.certify_chunks`), with the same noise
+    as the ``certify`` command (:func:`lightning_idrs.smoothing.certify_sharded`), with the same noise
     every epoch, so a change between epochs is the model's, not the noise's. Under DDP the chunks are
-    shared out over the ranks and the results gathered (torchmetrics) and logged once. What is
+    shared out over the ranks and the rows gathered after each round, as in the command. What is
     logged is ``lightning_idrs.reporting``'s, as for the command: the ``certify/...`` scalars to
     every logger, a PNG of the curve in the run directory, and with a WandbLogger the table, line
     plot, sigma(x) histogram and PNG.
@@ -71,7 +71,7 @@ class CertificationCallback(Callback):
                                         points_per_chunk=points_per_chunk)
         self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
         self._indices: Optional[torch.Tensor] = None
-        self._metric: Optional[CertifiedAccuracy] = None
+        self._num_classes: Optional[int] = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -79,7 +79,7 @@ class CertificationCallback(Callback):
             raise ValueError("CertificationCallback needs a lightning_idrs datamodule (with split_dataset)")
         labels = torch.as_tensor([int(y) for _, y in datamodule.split_dataset("val")])
         self._indices = stratified_subset(labels, self.num_points, self.settings.seed)
-        self._metric = CertifiedAccuracy(self.radii, num_classes=datamodule.num_classes)
+        self._num_classes = datamodule.num_classes
 
     def _due(self, trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -96,20 +96,16 @@ class CertificationCallback(Callback):
             self._report(trainer, summary, sigmas, folder)
 
     def _certify(self, trainer, pl_module):
-        """Certify this rank's chunks; returns the summary over all ranks and this rank's sigmas."""
+        """Certify this rank's chunks; returns the summary over all ranks' rows and their sigmas."""
         chunks = plan_chunks(self._indices.numpy(), self.settings.points_per_chunk)
         smoothed = SmoothedClassifier(pl_module.model, pl_module.sigma, pl_module.hparams.num_classes)
         dataset = trainer.datamodule.split_dataset("val")
-        metric = self._metric.to(pl_module.device)
-        sigmas = []
-        for done in certify_chunks(smoothed, dataset, chunks[trainer.global_rank::trainer.world_size],
-                                   self.settings, pl_module.device):
-            cert = done.certificates
-            metric.update(done.labels, cert.prediction, cert.radius, cert.sigma, idx=done.indices)
-            sigmas.append(cert.sigma)
-        summary = metric.compute()
-        metric.reset()
-        return summary, np.concatenate(sigmas) if sigmas else np.zeros(0)
+        rows = np.concatenate(list(certify_sharded(smoothed, dataset, chunks, self.settings, pl_module.device,
+                                                   trainer.global_rank, trainer.world_size, pl_module.all_gather)))
+        c = dict(zip(ROW_FIELDS, rows.T))
+        summary = summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], self.radii,
+                            self._num_classes)
+        return summary, c["sigma"]
 
     def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
         epoch = trainer.current_epoch

@@ -217,13 +217,14 @@ class KnnSigma(Sigma):
     def label(self):
         return f"IDRS (sigma_b={self.sigma_base:g}, r={self.r:g}, k={self.k})"
 
-    def fit(self, train, cache_training=True):
+    def fit(self, train, cache_training=False):
         """Build the exact index over phi(train) ([n, ...]); set m if None; returns self.
 
         An embedding with a ``fit`` method (e.g. ``PCAProjection``) is fitted on ``train`` first
-        unless it already is (``is_fitted``). ``cache_training``: compute the self-excluded training
-        sigmas now (always done when m is None), else on the first ``training_sigma`` call; either
-        way on the module's device (move the module to a GPU first to search there).
+        unless it already is (``is_fitted``). The self-excluded training sigmas (a kNN search for
+        every training point) are computed now when m is None or ``cache_training``, else on the first
+        ``training_sigma`` call, so that certifying a loaded model never pays for them; either way on
+        the module's device (move the module to a GPU first to search there).
         """
         train = _as_batch(train, "train")
         n = len(train)

@@ -8,11 +8,14 @@ of its noise samples (docs/math.md). With a constant sigma this is Cohen et al.'
 * :class:`SmoothedClassifier` runs CERTIFY / PREDICT on a batch of inputs at once.
 * :func:`certify_chunks` certifies points of a data set in fixed chunks, chunk c with noise seeded
   from (seed, c), so the results do not depend on which process certifies which chunk, nor on
-  interruptions. The ``certify`` command and the certification Callback both use it.
+  interruptions; :func:`certify_sharded` shares the chunks out over the ranks of a distributed
+  job and gathers the rows after each round. The ``certify`` command (under Lightning Fabric) and
+  the certification Callback (under the Trainer's strategy) both use it.
 """
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
@@ -22,12 +25,14 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
+from lightning_idrs.tsv_log import TSV_HEADER
 from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "BrokenModelError", "CertifySettings", "Certificates", "CertifiedChunk", "SmoothedClassifier", "add_noise",
-           "certify_chunks", "chunk_seed", "clopper_pearson_lower", "plan_chunks"]
+__all__ = ["ABSTAIN", "BrokenModelError", "CertifySettings", "Certificates", "CertifiedChunk", "ROW_FIELDS",
+           "SmoothedClassifier", "add_noise", "certify_chunks", "certify_sharded", "chunk_seed",
+           "clopper_pearson_lower", "plan_chunks"]
 
 
 class BrokenModelError(UsageError):
@@ -101,10 +106,11 @@ class SmoothedClassifier:
         num_classes: number of classes of the base classifier.
     """
 
-    def __init__(self, base_classifier: nn.Module, sigma, num_classes: int):
+    def __init__(self, base_classifier: nn.Module, sigma, num_classes: int, forward_context=nullcontext):
         self.base_classifier = base_classifier
         self.sigma = sigma
         self.num_classes = check(PositiveInt, num_classes, "num_classes")
+        self.forward_context = forward_context  # e.g. Fabric's autocast: mixed precision for the base model only
 
     def certify(self, x, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> Certificates:
         """CERTIFY for every input of the batch ``x`` at once.
@@ -196,7 +202,9 @@ class SmoothedClassifier:
             total = x.shape[0] * num
             for start in range(0, total, batch_size):
                 owner = torch.arange(start, min(start + batch_size, total), device=x.device) // num
-                logits = base(add_noise(x[owner], sigma[owner], generator))
+                noisy = add_noise(x[owner], sigma[owner], generator)
+                with self.forward_context():
+                    logits = base(noisy)
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                     raise ValueError(f"the base classifier returns logits of shape {tuple(logits.shape)}; expected "
                                      f"[{len(owner)}, {self.num_classes}] (num_classes={self.num_classes})")
@@ -225,6 +233,10 @@ def plan_chunks(indices, points_per_chunk: int) -> list:
     return [(c, indices[i:i + points_per_chunk]) for c, i in enumerate(range(0, len(indices), points_per_chunk))]
 
 
+#: The columns of :meth:`CertifiedChunk.rows`: those of ``certify.tsv``.
+ROW_FIELDS = TSV_HEADER
+
+
 @dataclass
 class CertifiedChunk:
     """One chunk's results: dataset indices, labels, certificates and the wall time per point."""
@@ -234,6 +246,12 @@ class CertifiedChunk:
     labels: np.ndarray
     certificates: Certificates
     seconds_per_point: float
+
+    def rows(self) -> np.ndarray:
+        """float64 [points, len(ROW_FIELDS)]: one row per point (integers are exact in float64)."""
+        cert = self.certificates
+        return np.column_stack([self.indices, self.labels, cert.prediction, cert.radius, cert.correct(self.labels),
+                                cert.sigma, cert.p_a_lower, np.full(len(self.indices), self.seconds_per_point)])
 
 
 def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, settings: CertifySettings,
@@ -257,3 +275,29 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
                                    points) from None
         seconds = (time.perf_counter() - start) / len(indices)
         yield CertifiedChunk(c, np.asarray(indices), labels, certificates, seconds)
+
+
+def certify_sharded(smoothed: SmoothedClassifier, dataset, chunks: list, settings: CertifySettings, device,
+                    rank: int, world_size: int, all_gather) -> Iterator[np.ndarray]:
+    """Rank r certifies chunks r, r + W, r + 2W, ... of ``chunks``; after each round the rows of all
+    ranks are gathered with ``all_gather`` (Fabric's or a LightningModule's) and yielded on every rank,
+    in chunk order: the same rows as one process would produce, for any number of ranks."""
+    width = settings.points_per_chunk
+    mine = certify_chunks(smoothed, dataset, chunks[rank::world_size], settings, device)
+    for _ in range(-(-len(chunks) // world_size)):
+        rows = np.full((width + 1, len(ROW_FIELDS)), -1.0)  # idx -1: padding; the extra row flags a failure
+        try:
+            done = next(mine, None)
+        except UsageError as error:  # tell the other ranks instead of leaving them waiting in all_gather
+            failure, done = error, None
+            rows[width, 0] = -2.0
+        else:
+            failure = None
+        if done is not None:
+            rows[:len(done.indices)] = done.rows()
+        gathered = all_gather(torch.from_numpy(rows).to(device)).reshape(-1, len(ROW_FIELDS)).cpu().numpy()
+        if failure is not None:
+            raise failure
+        if (gathered[:, 0] == -2.0).any():
+            raise UsageError("certification stopped: another process failed (its error is printed above)")
+        yield gathered[gathered[:, 0] >= 0]

@@ -241,3 +241,65 @@ def test_wandb_offline_run_folder_inside_output(checkpoint, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].rglob("files/media/images/**/*.png"))
     assert list(runs[0].rglob("files/media/table/**/*.table.json"))
+
+
+# ------------------------------------------------------------------------------------ several processes
+def run_certify(checkpoint, out, *extra, wait=True):
+    command = [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, out, *extra)]
+    if not wait:
+        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+TWO_RANKS = ["--certify.devices", "2", "--certify.accelerator", "cpu"]
+
+
+def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
+    out = tmp_path / "two"
+    result = run_certify(checkpoint, out, "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert same_rows(out, reference)
+    assert read_summary(out / SUMMARY_NAME)["processes"] == 2
+
+
+def test_a_killed_two_process_run_resumes_with_one_process(checkpoint, tmp_path):
+    args = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "12"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    proc = run_certify(checkpoint, killed, *args, *TWO_RANKS, wait=False)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            tsv = killed / TSV_NAME
+            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # header + the first round (2 chunks)
+                break
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: both processes
+    finally:
+        proc.wait(timeout=30)
+    partial = read_tsv(killed / TSV_NAME)
+    assert 4 <= len(partial["idx"]) < 12, "the run must be killed part way"
+    assert run_certify(checkpoint, killed, *args).returncode == 0  # resumed by one process
+    assert run_certify(checkpoint, straight, *args).returncode == 0
+    assert same_rows(killed, straight)
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(12))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--certify.devices", "0"], "--certify.devices must be an integer >= 1, got 0"),
+    (["--certify.num_nodes", "0"], "--certify.num_nodes must be an integer >= 1, got 0"),
+    (["--certify.accelerator", "gpu"], "--certify.accelerator gpu: no CUDA GPU is available"),
+    (["--certify.device", "cuda"], "--certify.device cuda: no CUDA GPU is available"),
+    (["--certify.accelerator", "tpu"], "--certify.accelerator must be one of auto, cpu, gpu, got tpu"),
+    (["--certify.precision", "8-bit"], "--certify.precision must be one of 32-true, bf16-mixed, 16-mixed, got 8-bit"),
+])
+def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
+    if "gpu" in message or "cuda" in message:
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is available")
+    out = tmp_path / "out"
+    assert main(certify_args(checkpoint, out, *flags)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: " + message), err
+    assert not out.exists()

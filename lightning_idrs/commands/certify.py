@@ -46,16 +46,26 @@ class CertifyOptions(ReportOptions, CertifySettings):
         skip: certify every skip-th point of the split.
         max: certify at most this many points (None: all); may be raised on a rerun to extend it.
         out: output directory (default: certify/<checkpoint name>_<split>_n<n>).
-        device: auto, cpu or cuda.
         compare: another run's certify.tsv to overlay in the plot (e.g. RS vs IDRS).
+        accelerator: auto, cpu or gpu (Lightning Fabric).
+        devices: processes (GPUs) per node; the points are shared out over all of them.
+        num_nodes: nodes (with torchrun or SLURM, which start the processes).
+        strategy: Fabric's strategy; default ddp when there is more than one process.
+        precision: 32-true, or bf16-mixed / 16-mixed to autocast the base model (counts and bounds stay exact).
+        device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
     split: Literal["test", "val", "train"] = "test"
     skip: PositiveInt = 1
     max: Optional[PositiveInt] = None
     out: Optional[str] = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     compare: Optional[str] = None
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: PositiveInt = 1
+    num_nodes: PositiveInt = 1
+    strategy: Optional[str] = None
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    device: Optional[Literal["auto", "cpu", "cuda"]] = None
 
     def __post_init__(self):
         CertifySettings.__post_init__(self)
@@ -128,14 +138,30 @@ def parse_args(argv):
     return cfg, config
 
 
-def _device(name: str):
-    import torch
+def launch(opts: CertifyOptions):
+    """A Lightning Fabric for ``opts``, launched: with several devices it starts the other processes
+    (torchrun and SLURM start them instead); every process then runs the rest of the command."""
+    import os
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--certify.device cuda: no CUDA device is available")
-    return torch.device(name)
+    import torch
+    from lightning_fabric import Fabric
+
+    accelerator = {"cuda": "gpu"}.get(opts.device, opts.device) if opts.device else opts.accelerator
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise UsageError(f"--certify.{'device cuda' if opts.device else 'accelerator gpu'}: no CUDA GPU is "
+                         "available (use cpu or auto)")
+    processes = opts.devices * opts.num_nodes
+    strategy = opts.strategy or ("ddp" if processes > 1 else "auto")
+    try:
+        fabric = Fabric(accelerator=accelerator, devices=opts.devices, num_nodes=opts.num_nodes, strategy=strategy,
+                        precision=opts.precision)
+    except Exception as error:  # Lightning reports impossible combinations with several exception types
+        raise UsageError(f"cannot run on {opts.devices} device(s) x {opts.num_nodes} node(s) with strategy "
+                         f"{strategy!r} and precision {opts.precision}: {one_line(error)}") from None
+    if fabric.device.type == "cpu" and opts.devices > 1:  # processes share the cores instead of fighting for them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.devices))
+    fabric.launch()
+    return fabric
 
 
 def _compare_columns(path: Optional[str]):
@@ -159,27 +185,47 @@ def _compare_columns(path: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------ work
-def certify_points(log, smoothed, dataset, selected: np.ndarray, opts: CertifyOptions, device) -> int:
-    """Certify the unfinished chunks of ``selected`` and append their missing rows; returns #new rows."""
+def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts: CertifyOptions) -> int:
+    """Certify the chunks ``todo`` over all processes; rank 0 appends the missing rows. Returns #new rows."""
     from tqdm import tqdm
 
-    from lightning_idrs.smoothing import certify_chunks, plan_chunks
+    from lightning_idrs.smoothing import certify_sharded
 
-    todo = [(c, idx) for c, idx in plan_chunks(selected, opts.points_per_chunk) if not log.done.issuperset(idx.tolist())]
     written = 0
-    bar = tqdm(total=len(selected), initial=sum(int(i in log.done) for i in selected.tolist()), unit="pt",
-               desc="certify", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+    bar = tqdm(total=total, initial=total - sum(len(idx) for _, idx in todo), unit="pt", desc="certify",
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
+               disable=fabric.global_rank != 0)
     try:
-        for done in certify_chunks(smoothed, dataset, todo, opts, device):
-            cert, correct = done.certificates, done.certificates.correct(done.labels)
-            rows = [(int(i), int(done.labels[j]), int(cert.prediction[j]), float(cert.radius[j]), int(correct[j]),
-                     float(cert.sigma[j]), float(cert.p_a_lower[j]), done.seconds_per_point)
-                    for j, i in enumerate(done.indices.tolist()) if i not in log.done]
-            written += log.append(rows)
+        for rows in certify_sharded(smoothed, dataset, todo, opts, fabric.device, fabric.global_rank,
+                                    fabric.world_size, fabric.all_gather):
+            if log is not None:  # rank 0: one write (and fsync) per round of chunks
+                written += log.append([row for row in rows.tolist() if int(row[0]) not in log.done])
             bar.update(len(rows))
     finally:
         bar.close()
     return written
+
+
+def open_log(fabric, out: Path, settings: dict, selected, opts: CertifyOptions):
+    """Rank 0 opens (or resumes) the TSV log; every rank gets the same list of unfinished chunks."""
+    from lightning_idrs.smoothing import plan_chunks
+    from lightning_idrs.tsv_log import TSV_NAME, CertifyLog
+
+    log, status = None, None
+    if fabric.global_rank == 0:
+        try:
+            log = CertifyLog(out, settings)
+        except (ValueError, RuntimeError, OSError) as error:
+            status = ("error", one_line(error))
+        else:
+            if log.repaired:
+                print(f"note: {out / TSV_NAME}: dropped a {log.repaired}", file=sys.stderr)
+            chunks = plan_chunks(selected, opts.points_per_chunk)
+            status = ("ok", [(c, idx) for c, idx in chunks if not log.done.issuperset(idx.tolist())])
+    status = fabric.broadcast(status, src=0)
+    if status[0] == "error":
+        raise UsageError(status[1])
+    return log, status[1]
 
 
 def _wandb_offline(mode: str) -> bool:
@@ -232,16 +278,10 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
     return png
 
 
-def run(cfg, config: dict) -> int:
-    """Load, certify the unfinished points, write summary/plot, log to W&B. Returns the exit code."""
+def prepare(cfg, config: dict, opts: CertifyOptions, device):
+    """(loaded checkpoint, data set, selected indices, settings): everything that determines the rows."""
     from lightning_idrs.checkpoint import load_checkpoint
-    from lightning_idrs.reporting import SUMMARY_NAME, radius_grid
-    from lightning_idrs.smoothing import SmoothedClassifier
-    from lightning_idrs.tsv_log import TSV_NAME, CertifyLog
 
-    opts, wandb_opts = CertifyOptions(**vars(cfg.certify)), WandbOptions(**vars(cfg.wandb))
-    compare = _compare_columns(opts.compare)
-    device = _device(opts.device)
     overrides = {} if cfg.data.root is None else {"root": cfg.data.root}
     loaded = load_checkpoint(cfg.ckpt_path, device, data=config.get("data"), overrides=overrides)
     model, datamodule = loaded.model, loaded.datamodule
@@ -255,28 +295,44 @@ def run(cfg, config: dict) -> int:
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
         "sigma": model.hparams.sigma, "semi_elasticity": r, "skip": opts.skip, "noise": NOISE_SCHEME,
+        "precision": opts.precision,
         **asdict(CertifySettings(opts.n0, opts.n, opts.alpha, opts.batch_size, opts.seed, opts.points_per_chunk)),
     }
+    return loaded, dataset, selected, settings
+
+
+def run(cfg, config: dict) -> int:
+    """Launch, load, certify the unfinished points, write summary/plot, log to W&B. Returns the exit code."""
+    from contextlib import nullcontext
+
+    from lightning_idrs.reporting import SUMMARY_NAME, radius_grid
+    from lightning_idrs.smoothing import SmoothedClassifier
+    from lightning_idrs.tsv_log import TSV_NAME
+
+    opts, wandb_opts = CertifyOptions(**vars(cfg.certify)), WandbOptions(**vars(cfg.wandb))
+    compare = _compare_columns(opts.compare)
+    fabric = launch(opts)
+    loaded, dataset, selected, settings = prepare(cfg, config, opts, fabric.device)
+    model, rank0 = loaded.model, fabric.global_rank == 0
     out = Path(opts.out or Path("certify") / f"{Path(cfg.ckpt_path).stem}_{opts.split}_n{opts.n}")
-    print(f"certify: {cfg.ckpt_path} ({model.sigma.label}, N={model.input_dim}) on {datamodule.name}/{opts.split}, "
-          f"{len(selected)} points, n0={opts.n0}, n={opts.n}, alpha={opts.alpha:g}, device {device}, output {out}",
-          flush=True)
-    try:
-        log = CertifyLog(out, settings)
-    except (ValueError, RuntimeError, OSError) as error:
-        raise UsageError(one_line(error)) from None
-    with log:
-        if log.repaired:
-            print(f"note: {out / TSV_NAME}: dropped a {log.repaired}", file=sys.stderr)
-        smoothed = SmoothedClassifier(model.model, model.sigma, model.hparams.num_classes)
+    if rank0:
+        print(f"certify: {cfg.ckpt_path} ({model.sigma.label}, N={model.input_dim}) on {loaded.datamodule.name}/"
+              f"{opts.split}, {len(selected)} points, n0={opts.n0}, n={opts.n}, alpha={opts.alpha:g}, "
+              f"{fabric.world_size} process(es) on {fabric.device.type}, output {out}", flush=True)
+    log, todo = open_log(fabric, out, settings, selected, opts)
+    smoothed = SmoothedClassifier(model.model, model.sigma, model.hparams.num_classes, forward_context=fabric.autocast)
+    with log if log is not None else nullcontext():
         start = time.perf_counter()
-        new = certify_points(log, smoothed, dataset, selected, opts, device)
+        new = certify_points(fabric, log, smoothed, dataset, todo, len(selected), opts)
         elapsed = time.perf_counter() - start
+        if not rank0:
+            return 0
         columns = log.columns(only=selected)  # the summary describes exactly the selected points
         grid = radius_grid(opts, columns["radius"])
         stats = log.summarize(grid, model.hparams.num_classes, only=selected)
     summary = {**settings, "checkpoint": str(cfg.ckpt_path), "sigma_label": model.sigma.label, "max": opts.max,
-               "device": str(device), "num_selected": int(len(selected)), **stats}
+               "device": fabric.device.type, "processes": fabric.world_size, "num_selected": int(len(selected)),
+               **stats}
     png = _report(out, summary, columns, grid, compare, wandb_opts)
     shown = [k for k in summary["certified_accuracy"] if float(k) % 0.25 < 1e-9][:12]
     print(f"certified {new} new point(s) in {elapsed:.1f} s; {summary['num_points']} in {out / TSV_NAME}")

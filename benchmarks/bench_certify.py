@@ -1,0 +1,180 @@
+"""Certification speed: our CERTIFY against the forward-pass floor, a per-point loop, 2 processes, start-up.
+
+    python benchmarks/bench_certify.py --quick          # under 5 minutes on 2 CPU cores
+    python benchmarks/bench_certify.py                  # larger n
+    python benchmarks/bench_certify.py --device cuda --arch resnet110 --n 100000 --points 10 --gpu-only
+
+Prints ratios from one run (targets: certify / floor <= 1.10; per-point loop / ours >= 1.3 on CPU;
+start-up < 15 s); see benchmarks/README.md for recorded figures and the machine.
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_idrs import CertifySettings, ConstantSigma, KnnSigma, SmoothedClassifier, certify_chunks
+from lightning_idrs.data import IDRSDataModule
+from lightning_idrs.models import build_model
+from lightning_idrs.smoothing import add_noise, plan_chunks
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+@torch.inference_mode()
+def floor(model, x, samples, batch_size, sigma, device):
+    """Forward passes + noise for ``samples`` noisy copies of each input, in batches of ``batch_size``."""
+    total = len(x) * samples
+    for start in range(0, total, batch_size):
+        owner = torch.arange(start, min(start + batch_size, total), device=device) // samples
+        model(add_noise(x[owner], sigma[owner])).argmax(1)
+
+
+def cohen_loop(model, x, n0, n, batch_size, sigma, alpha):
+    """CERTIFY in the style of Cohen et al.'s code/core.py: one point at a time, ``torch.no_grad``, the
+    batch built with ``repeat``, the counts taken on the host by a Python loop after every batch."""
+    from scipy.stats import beta
+
+    def sample(point, num):
+        with torch.no_grad():
+            counts = np.zeros(10, dtype=int)
+            for _ in range(math.ceil(num / batch_size)):
+                size = min(batch_size, num)
+                num -= size
+                batch = point.repeat((size, 1, 1, 1))
+                noise = torch.randn_like(batch) * sigma
+                for label in model(batch + noise).argmax(1).cpu().numpy():
+                    counts[label] += 1
+            return counts
+
+    for point in x:
+        c_a = sample(point, n0).argmax()
+        n_a = sample(point, n)[c_a]
+        beta.ppf(alpha, n_a, n - n_a + 1)
+
+
+def compare_with_floor(name, arch, shape, points, n0, n, batch_size, device, sigma_value=0.25):
+    torch.manual_seed(0)
+    model = build_model(arch, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(device).eval()
+    x = torch.rand(points, *shape, device=device)
+    sigma = torch.full((points,), sigma_value, device=device)
+    smoothed = SmoothedClassifier(model, ConstantSigma(sigma_value), num_classes=10)
+    settings = CertifySettings(n0=n0, n=n, batch_size=batch_size, points_per_chunk=points)
+    data = [(x[i].cpu(), 0) for i in range(points)]
+    floor(model, x, n0 + n, batch_size, sigma, device)  # warm-up
+    t_floor, _ = timed(lambda: floor(model, x, n0 + n, batch_size, sigma, device))
+    t_ours, _ = timed(lambda: list(certify_chunks(smoothed, data, plan_chunks(np.arange(points), points), settings,
+                                                  device)))
+    print(f"{name}: {points} points, n0={n0}, n={n}, batch {batch_size} on {device}: certify {t_ours:.2f} s, "
+          f"floor {t_floor:.2f} s, ratio {t_ours / t_floor:.3f} (target <= 1.10); "
+          f"{points / t_ours:.2f} points/s", flush=True)
+    return model, x, t_ours, points
+
+
+def compare_with_cohen(model, x, n0, n, batch_size, device, sigma_value=0.25):
+    smoothed = SmoothedClassifier(model, ConstantSigma(sigma_value), num_classes=10)
+    settings = CertifySettings(n0=n0, n=n, batch_size=batch_size, points_per_chunk=len(x))
+    data = [(x[i].cpu(), 0) for i in range(len(x))]
+    t_ours, _ = timed(lambda: list(certify_chunks(smoothed, data, plan_chunks(np.arange(len(x)), len(x)), settings,
+                                                  device)))
+    t_cohen, _ = timed(lambda: cohen_loop(model, x, n0, n, batch_size, sigma_value, 0.001))
+    print(f"per-point loop (Cohen et al.'s core.py): {t_cohen:.2f} s vs ours {t_ours:.2f} s for {len(x)} points, "
+          f"n0={n0}, n={n}: ours {t_cohen / t_ours:.2f}x faster (target >= 1.3x)", flush=True)
+
+
+class SyntheticCIFAR(IDRSDataModule):
+    """50,000 random 3x32x32 training images (CIFAR-10's size), for the start-up measurement."""
+
+    name, input_shape, num_classes = "synthetic-cifar", (3, 32, 32), 10
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    def _load_splits(self):
+        rng = np.random.default_rng(0)
+        make = lambda n: (torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)),  # noqa: E731
+                          torch.from_numpy(rng.integers(0, 10, n)))
+        return {"train": make(50_000), "val": make(100), "test": make(100)}
+
+
+def startup(folder: Path):
+    """Checkpoint -> first point certified, for a ResNet-20 + kNN sigma over 50,000 training images."""
+    import pytorch_lightning as pl
+
+    from lightning_idrs import IDRSClassifier, load_checkpoint
+
+    model = IDRSClassifier(arch="resnet20", sigma=KnnSigma(0.25, 0.01, 20, m=40.0), input_shape=(3, 32, 32),
+                           mean=SyntheticCIFAR.mean, std=SyntheticCIFAR.std)
+    trainer = pl.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, datamodule=SyntheticCIFAR())
+    path = folder / "synthetic.ckpt"
+    trainer.save_checkpoint(path)
+
+    def first_point():
+        loaded = load_checkpoint(path)
+        smoothed = SmoothedClassifier(loaded.model.model, loaded.model.sigma, 10)
+        data = loaded.datamodule.split_dataset("test")
+        return next(certify_chunks(smoothed, data, plan_chunks([0], 1), CertifySettings(n0=10, n=100), "cpu"))
+
+    seconds, _ = timed(first_point)
+    print(f"start-up, checkpoint -> first point certified (ResNet-20, kNN sigma over 50,000 x 3x32x32): "
+          f"{seconds:.1f} s (target < 15 s)", flush=True)
+
+
+def processes(folder: Path, points: int, n: int):
+    """The certify command with 1 and 2 CPU processes on a digits checkpoint: same rows, wall times."""
+    env = dict(os.environ, WANDB_SILENT="true")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lightning_idrs", *a], env=env, cwd=folder,  # noqa: E731
+                                    capture_output=True, text=True, check=True)
+    run("fit", "--trainer.max_epochs", "2", "--trainer.logger", "false", "--trainer.default_root_dir", "fit",
+        "--trainer.enable_progress_bar", "false")
+    checkpoint = next((folder / "fit" / "checkpoints").glob("best-*.ckpt"))
+    seconds = {}
+    for devices in (1, 2):
+        out = run("certify", "--ckpt_path", str(checkpoint), "--certify.n", str(n), "--certify.max", str(points),
+                  "--certify.out", f"out{devices}", "--certify.devices", str(devices), "--certify.accelerator", "cpu",
+                  "--wandb.mode", "disabled").stdout
+        seconds[devices] = float(out.split("new point(s) in ")[1].split(" s")[0])
+    rows = [[line.split("\t")[:7] for line in (folder / f"out{d}" / "certify.tsv").read_text().splitlines()]
+            for d in (1, 2)]
+    print(f"certify command, {points} digits points at n={n} on this CPU: 1 process {seconds[1]:.1f} s, 2 processes "
+          f"{seconds[2]:.1f} s (x{seconds[1] / seconds[2]:.2f}); rows identical: {rows[0] == rows[1]}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small n, under 5 minutes on 2 CPU cores")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gpu-only", action="store_true", help="only the model benchmark (for a GPU machine)")
+    parser.add_argument("--arch", default="resnet20", help="the CIFAR model for the floor comparison")
+    parser.add_argument("--n", type=int, default=None, help="estimation samples for the CIFAR model")
+    parser.add_argument("--points", type=int, default=None)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""), flush=True)
+    quick = args.quick
+    n_cifar = args.n or (500 if quick else 5000)
+    points_cifar = args.points or (4 if quick else 10)
+    compare_with_floor(f"{args.arch} (random weights, random 3x32x32 inputs)", args.arch, (3, 32, 32), points_cifar,
+                       100, n_cifar, 400 if args.device == "cpu" else 1000, args.device)
+    if args.gpu_only:
+        return
+    model, x, _, _ = compare_with_floor("digits small_cnn (random weights, 1x8x8)", "small_cnn", (1, 8, 8),
+                                        20, 100, 2000 if quick else 20000, 1000, args.device)
+    compare_with_cohen(model, x[:10], 100, 2000 if quick else 10000, 1000, args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        processes(Path(folder), 40 if quick else 100, 2000 if quick else 10000)
+        startup(Path(folder))
+
+
+if __name__ == "__main__":
+    main()
