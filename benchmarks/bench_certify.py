@@ -23,7 +23,8 @@ import torch
 from lightning_idrs import CertifySettings, ConstantSigma, KnnSigma, SmoothedClassifier, certify_chunks
 from lightning_idrs.data import IDRSDataModule
 from lightning_idrs.models import build_model
-from lightning_idrs.smoothing import add_noise, plan_chunks
+from lightning_idrs.sharding import plan_chunks
+from lightning_idrs.smoothing import add_noise
 
 
 def timed(function, repeats=1):

@@ -6,8 +6,9 @@ The public API, by concept (one module each; docs/layout.md says where to change
   ``sigma_ratio_bounds``                                                   -- ``lightning_idrs.radius``
 * sigma(x): ``Sigma`` (the interface), ``KnnSigma``, ``ConstantSigma``     -- ``lightning_idrs.sigma``
   and embeddings for KnnSigma: ``OrthonormalProjection``, ``PCAProjection`` -- ``lightning_idrs.embeddings``
-* the Monte Carlo algorithm: ``add_noise``, ``SmoothedClassifier``, ``CertifySettings``, ``certify_chunks``
-                                                                           -- ``lightning_idrs.smoothing``
+* the Monte Carlo algorithm: ``add_noise``, ``SmoothedClassifier``        -- ``lightning_idrs.smoothing``
+  over a data set, in seeded chunks, on several processes: ``CertifySettings``, ``certify_chunks``
+                                                                           -- ``lightning_idrs.sharding``
 * training: ``IDRSClassifier`` (``lightning_idrs.module``), the datamodules (``lightning_idrs.data``),
   ``CertificationCallback`` (``lightning_idrs.callbacks``)
 * checkpoints: ``load_checkpoint``                                         -- ``lightning_idrs.checkpoint``
@@ -33,8 +34,8 @@ _EXPORTS = {
     "PCAProjection": "embeddings",
     "add_noise": "smoothing",
     "SmoothedClassifier": "smoothing",
-    "CertifySettings": "smoothing",
-    "certify_chunks": "smoothing",
+    "CertifySettings": "sharding",
+    "certify_chunks": "sharding",
     "IDRSClassifier": "module",
     "DigitsDataModule": "data",
     "MNISTDataModule": "data",

@@ -9,7 +9,8 @@ from pytorch_lightning import Callback
 from pytorch_lightning.loggers import WandbLogger
 
 from lightning_idrs.reporting import ReportOptions, curve, log_to_wandb, plot_curves, radius_grid, scalars
-from lightning_idrs.smoothing import ROW_FIELDS, CertifySettings, SmoothedClassifier, certify_sharded, plan_chunks
+from lightning_idrs.sharding import ROW_FIELDS, CertifySettings, certify_sharded, plan_chunks
+from lightning_idrs.smoothing import SmoothedClassifier
 from lightning_idrs.statistics import summarize
 from lightning_idrs.validation import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 

@@ -197,7 +197,8 @@ def test_non_finite_logits_during_sampling_name_the_point():
     from torch import nn
 
     from lightning_idrs import CertifySettings, ConstantSigma, SmoothedClassifier, certify_chunks
-    from lightning_idrs.smoothing import BrokenModelError, plan_chunks
+    from lightning_idrs.sharding import plan_chunks
+    from lightning_idrs.smoothing import BrokenModelError
 
     class NanOnBright(nn.Module):  # NaN logits for inputs whose first pixel is large
         def forward(self, x):

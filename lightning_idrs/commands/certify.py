@@ -31,7 +31,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from lightning_idrs.reporting import ReportOptions
-from lightning_idrs.smoothing import CertifySettings
+from lightning_idrs.sharding import CertifySettings
 from lightning_idrs.validation import PositiveInt, UsageError, one_line
 
 NOISE_SCHEME = "chunk-seeded-v1"  # how noise is derived from (seed, chunk); part of the settings
@@ -189,7 +189,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
     """Certify the chunks ``todo`` over all processes; rank 0 appends the missing rows. Returns #new rows."""
     from tqdm import tqdm
 
-    from lightning_idrs.smoothing import certify_sharded
+    from lightning_idrs.sharding import certify_sharded
 
     written = 0
     bar = tqdm(total=total, initial=total - sum(len(idx) for _, idx in todo), unit="pt", desc="certify",
@@ -208,7 +208,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
 
 def open_log(fabric, out: Path, settings: dict, selected, opts: CertifyOptions):
     """Rank 0 opens (or resumes) the TSV log; every rank gets the same list of unfinished chunks."""
-    from lightning_idrs.smoothing import plan_chunks
+    from lightning_idrs.sharding import plan_chunks
     from lightning_idrs.tsv_log import TSV_NAME, CertifyLog
 
     log, status = None, None

@@ -1,0 +1,130 @@
+"""Certifying the points of a data set: fixed chunks, noise seeded per chunk, shared out over processes.
+
+* :func:`plan_chunks` cuts the selected points into fixed chunks; chunk c draws its noise from a
+  generator seeded with (seed, c) (:func:`chunk_seed`), so a result depends only on the point, its
+  chunk and the seed: not on which process certifies it, nor on interruptions.
+* :func:`certify_chunks` runs :class:`~lightning_idrs.smoothing.SmoothedClassifier` chunk by chunk.
+* :func:`certify_sharded` shares the chunks out over the ranks of a distributed job and gathers the
+  rows after each round: the ``certify`` command (Lightning Fabric) and the certification Callback
+  (the Trainer's strategy) both use it.
+"""
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from lightning_idrs.smoothing import BrokenModelError, Certificates, SmoothedClassifier
+from lightning_idrs.tsv_log import TSV_HEADER
+from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
+
+__all__ = ["CertifySettings", "CertifiedChunk", "ROW_FIELDS", "certify_chunks", "certify_sharded", "chunk_seed",
+           "plan_chunks"]
+
+
+@dataclass
+class CertifySettings:
+    """How each point is certified: Cohen et al.'s CERTIFY and the noise stream (rows depend on all of it).
+
+    Args:
+        n0: noise samples to select the top class (Cohen et al.: 100).
+        n: noise samples to estimate pA (Cohen et al.: 100,000).
+        alpha: failure probability of each certificate, in (0, 1) (Cohen et al.: 0.001).
+        batch_size: noisy samples per forward pass (part of the noise stream: a rerun must keep it).
+        seed: seed of the noise; chunk c uses a generator seeded from (seed, c).
+        points_per_chunk: consecutive points certified together in one vectorised call.
+    """
+
+    n0: PositiveInt = 100
+    n: PositiveInt = 100_000
+    alpha: OpenUnitInterval = 0.001
+    batch_size: PositiveInt = 1000
+    seed: NonNegativeInt = 0
+    points_per_chunk: PositiveInt = 10
+
+    def __post_init__(self):
+        for name, kind in (("n0", PositiveInt), ("n", PositiveInt), ("alpha", OpenUnitInterval),
+                           ("batch_size", PositiveInt), ("seed", NonNegativeInt), ("points_per_chunk", PositiveInt)):
+            setattr(self, name, check(kind, getattr(self, name), name))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """A 63-bit generator seed for chunk ``chunk`` of a run with ``seed`` (independent streams)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def plan_chunks(indices, points_per_chunk: int) -> list:
+    """``[(c, indices[c*size:(c+1)*size])]``: the fixed chunks that :func:`certify_chunks` seeds by c."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return [(c, indices[i:i + points_per_chunk]) for c, i in enumerate(range(0, len(indices), points_per_chunk))]
+
+
+#: The columns of :meth:`CertifiedChunk.rows`: those of ``certify.tsv``.
+ROW_FIELDS = TSV_HEADER
+
+
+@dataclass
+class CertifiedChunk:
+    """One chunk's results: dataset indices, labels, certificates and the wall time per point."""
+
+    chunk: int
+    indices: np.ndarray
+    labels: np.ndarray
+    certificates: Certificates
+    seconds_per_point: float
+
+    def rows(self) -> np.ndarray:
+        """float64 [points, len(ROW_FIELDS)]: one row per point (integers are exact in float64)."""
+        cert = self.certificates
+        return np.column_stack([self.indices, self.labels, cert.prediction, cert.radius, cert.correct(self.labels),
+                                cert.sigma, cert.p_a_lower, np.full(len(self.indices), self.seconds_per_point)])
+
+
+def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, settings: CertifySettings,
+                   device) -> Iterator[CertifiedChunk]:
+    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``."""
+    device = torch.device(device)
+    for c, indices in chunks:
+        items = [dataset[int(i)] for i in indices]
+        x = torch.stack([item[0] for item in items]).to(device)
+        labels = np.asarray([int(item[1]) for item in items], dtype=np.int64)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(settings.seed, c))
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size,
+                                                generator)
+        except BrokenModelError as error:  # name the data set's points, not positions in the chunk
+            points = [int(indices[p]) for p in error.positions]
+            raise BrokenModelError(f"the base classifier returned NaN or inf logits on noisy copies of data set "
+                                   f"point(s) {points[:10]}: its weights are broken, no certificate is issued",
+                                   points) from None
+        seconds = (time.perf_counter() - start) / len(indices)
+        yield CertifiedChunk(c, np.asarray(indices), labels, certificates, seconds)
+
+
+def certify_sharded(smoothed: SmoothedClassifier, dataset, chunks: list, settings: CertifySettings, device,
+                    rank: int, world_size: int, all_gather) -> Iterator[np.ndarray]:
+    """Rank r certifies chunks r, r + W, r + 2W, ... of ``chunks``; after each round the rows of all
+    ranks are gathered with ``all_gather`` (Fabric's or a LightningModule's) and yielded on every rank,
+    in chunk order: the same rows as one process would produce, for any number of ranks."""
+    width = settings.points_per_chunk
+    mine = certify_chunks(smoothed, dataset, chunks[rank::world_size], settings, device)
+    for _ in range(-(-len(chunks) // world_size)):
+        rows = np.full((width + 1, len(ROW_FIELDS)), -1.0)  # idx -1: padding; the extra row flags a failure
+        try:
+            done = next(mine, None)
+        except UsageError as error:  # tell the other ranks instead of leaving them waiting in all_gather
+            failure, done = error, None
+            rows[width, 0] = -2.0
+        else:
+            failure = None
+        if done is not None:
+            rows[:len(done.indices)] = done.rows()
+        gathered = all_gather(torch.from_numpy(rows).to(device)).reshape(-1, len(ROW_FIELDS)).cpu().numpy()
+        if failure is not None:
+            raise failure
+        if (gathered[:, 0] == -2.0).any():
+            raise UsageError("certification stopped: another process failed (its error is printed above)")
+        yield gathered[gathered[:, 0] >= 0]
