@@ -49,6 +49,7 @@ class CertificationCallback(Callback):
         radii: the reported radius grid (default 0, 0.125, ..., radii_max).
         radii_step, radii_max: the grid when ``radii`` is not given.
         seed: seed of the subset and of the noise.
+        sequential: stop each point's sampling once its outcome on the radius grid is decided.
     """
 
     def __init__(
@@ -64,12 +65,13 @@ class CertificationCallback(Callback):
         radii_max: NonNegativeFloat = 1.0,
         seed: NonNegativeInt = 0,
         points_per_chunk: PositiveInt = 10,
+        sequential: bool = False,
     ):
         super().__init__()
         self.every_n_epochs = check(PositiveInt, every_n_epochs, "every_n_epochs")
         self.num_points = check(PositiveInt, num_points, "num_points")
         self.settings = CertifySettings(n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
-                                        points_per_chunk=points_per_chunk)
+                                        points_per_chunk=points_per_chunk, sequential=sequential)
         self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
         self._indices: Optional[torch.Tensor] = None
         self._num_classes: Optional[int] = None
@@ -102,10 +104,11 @@ class CertificationCallback(Callback):
         smoothed = SmoothedClassifier(pl_module.model, pl_module.sigma, pl_module.hparams.num_classes)
         dataset = trainer.datamodule.split_dataset("val")
         rows = np.concatenate(list(certify_sharded(smoothed, dataset, chunks, self.settings, pl_module.device,
-                                                   trainer.global_rank, trainer.world_size, pl_module.all_gather)))
+                                                   trainer.global_rank, trainer.world_size, pl_module.all_gather,
+                                                   self.radii)))
         c = dict(zip(ROW_FIELDS, rows.T))
         summary = summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], self.radii,
-                            self._num_classes)
+                            self._num_classes, samples=c["samples"])
         return summary, c["sigma"]
 
     def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:

@@ -85,6 +85,9 @@ def scalars(summary: Mapping) -> dict:
     for key in ("acr", "abstain_rate", "clean_accuracy", "mean_sigma"):
         out[f"certify/{key}"] = float(summary[key])
     out["certify/num_points"] = float(summary["num_points"])
+    for key in ("total_samples", "mean_samples"):  # estimation samples drawn (fewer when sequential)
+        if key in summary:
+            out[f"certify/{key}"] = float(summary[key])
     for label, class_curve in summary["class_certified_accuracy"].items():
         out.update({f"certify/class_{label}/acc@{key}": acc for key, acc in class_curve.items()})
     return out

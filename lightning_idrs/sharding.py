@@ -34,6 +34,8 @@ class CertifySettings:
         batch_size: noisy samples per forward pass (part of the noise stream: a rerun must keep it).
         seed: seed of the noise; chunk c uses a generator seeded from (seed, c).
         points_per_chunk: consecutive points certified together in one vectorised call.
+        sequential: draw the estimation samples in stages and stop each point once its outcome on the
+            radius grid is decided (needs a grid; docs/math.md, "Sequential certification").
     """
 
     n0: PositiveInt = 100
@@ -42,11 +44,14 @@ class CertifySettings:
     batch_size: PositiveInt = 1000
     seed: NonNegativeInt = 0
     points_per_chunk: PositiveInt = 10
+    sequential: bool = False
 
     def __post_init__(self):
         for name, kind in (("n0", PositiveInt), ("n", PositiveInt), ("alpha", OpenUnitInterval),
                            ("batch_size", PositiveInt), ("seed", NonNegativeInt), ("points_per_chunk", PositiveInt)):
             setattr(self, name, check(kind, getattr(self, name), name))
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -78,12 +83,16 @@ class CertifiedChunk:
         """float64 [points, len(ROW_FIELDS)]: one row per point (integers are exact in float64)."""
         cert = self.certificates
         return np.column_stack([self.indices, self.labels, cert.prediction, cert.radius, cert.correct(self.labels),
-                                cert.sigma, cert.p_a_lower, np.full(len(self.indices), self.seconds_per_point)])
+                                cert.sigma, cert.p_a_lower, np.full(len(self.indices), self.seconds_per_point),
+                                cert.samples])
 
 
 def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, settings: CertifySettings,
-                   device) -> Iterator[CertifiedChunk]:
-    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``."""
+                   device, radii=None) -> Iterator[CertifiedChunk]:
+    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``;
+    sequentially on the grid ``radii`` when ``settings.sequential``."""
+    if settings.sequential and radii is None:
+        raise UsageError("sequential certification needs a radius grid (e.g. --certify.radii 0.25,0.5,0.75,1.0)")
     device = torch.device(device)
     for c, indices in chunks:
         items = [dataset[int(i)] for i in indices]
@@ -94,7 +103,7 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
         try:
             with torch.inference_mode():
                 certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size,
-                                                generator)
+                                                generator, radii if settings.sequential else None)
         except BrokenModelError as error:  # name the data set's points, not positions in the chunk
             points = [int(indices[p]) for p in error.positions]
             raise BrokenModelError(f"the base classifier returned NaN or inf logits on noisy copies of data set "
@@ -105,12 +114,12 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
 
 
 def certify_sharded(smoothed: SmoothedClassifier, dataset, chunks: list, settings: CertifySettings, device,
-                    rank: int, world_size: int, all_gather) -> Iterator[np.ndarray]:
+                    rank: int, world_size: int, all_gather, radii=None) -> Iterator[np.ndarray]:
     """Rank r certifies chunks r, r + W, r + 2W, ... of ``chunks``; after each round the rows of all
     ranks are gathered with ``all_gather`` (Fabric's or a LightningModule's) and yielded on every rank,
     in chunk order: the same rows as one process would produce, for any number of ranks."""
     width = settings.points_per_chunk
-    mine = certify_chunks(smoothed, dataset, chunks[rank::world_size], settings, device)
+    mine = certify_chunks(smoothed, dataset, chunks[rank::world_size], settings, device, radii)
     for _ in range(-(-len(chunks) // world_size)):
         rows = np.full((width + 1, len(ROW_FIELDS)), -1.0)  # idx -1: padding; the extra row flags a failure
         try:

@@ -25,7 +25,8 @@ from lightning_idrs.validation import OpenUnitInterval, PositiveInt, UsageError,
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "SmoothedClassifier", "add_noise", "clopper_pearson_lower"]
+__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "PROJECTION_LEVEL", "SmoothedClassifier", "add_noise",
+           "clopper_pearson_lower", "clopper_pearson_upper", "sequential_schedule"]
 
 
 class BrokenModelError(UsageError):
@@ -49,6 +50,30 @@ def clopper_pearson_lower(successes, trials, alpha) -> np.ndarray:
     return np.where(successes > 0, bound, 0.0)
 
 
+def clopper_pearson_upper(successes, trials, alpha) -> np.ndarray:
+    """One-sided (1 - alpha) upper confidence bound on a binomial proportion: Beta(1 - alpha; k+1, n-k)."""
+    successes = np.asarray(successes, dtype=np.float64)
+    bound = stats.beta.ppf(1.0 - alpha, successes + 1, np.maximum(trials - successes, 1e-300))
+    return np.where(successes < trials, bound, 1.0)
+
+
+def sequential_schedule(n: int, first: int = 1000, growth: float = math.sqrt(10.0)) -> list:
+    """Cumulative estimation samples after each stage: ``first``, then x ``growth`` per stage, ending at ``n``
+    (n = 100,000: 1,000, 3,162, 10,000, 31,623, 100,000)."""
+    sizes, stage = [], 0
+    while True:
+        size = min(n, round(first * growth**stage))
+        sizes.append(size)
+        if size >= n:
+            return sizes
+        stage += 1
+
+
+#: Level of the upper bound on pA that projects whether a point can still reach a higher grid radius
+#: (only the stopping rule uses it: it decides how many samples are drawn, never the certificate).
+PROJECTION_LEVEL = 1e-3
+
+
 @dataclass
 class Certificates:
     """Per-input results of :meth:`SmoothedClassifier.certify` (NumPy arrays, one entry per input)."""
@@ -57,6 +82,7 @@ class Certificates:
     p_a_lower: np.ndarray  # one-sided Clopper-Pearson lower bound on pA at confidence 1 - alpha
     sigma: np.ndarray  # sigma(x) used for the noise and the radius
     radius: np.ndarray  # certified l2 radius (0 for abstentions)
+    samples: np.ndarray  # estimation samples drawn (n, or where the sequential test stopped)
 
     def correct(self, labels) -> np.ndarray:
         """1 where the (non-abstained) prediction equals the label, else 0."""
@@ -79,12 +105,18 @@ class SmoothedClassifier:
         self.num_classes = check(PositiveInt, num_classes, "num_classes")
         self.forward_context = forward_context  # e.g. Fabric's autocast: mixed precision for the base model only
 
-    def certify(self, x, n0: int, n: int, alpha: float, batch_size: int, generator=None) -> Certificates:
+    def certify(self, x, n0: int, n: int, alpha: float, batch_size: int, generator=None,
+                radii=None) -> Certificates:
         """CERTIFY for every input of the batch ``x`` at once.
 
         Selection: top class cA of n0 noisy samples. Estimation: n fresh samples, nA hits of cA,
         pA_lower = Beta(alpha; nA, n - nA + 1). Abstain if pA_lower < 1/2, else return cA and the
         radius ``certified_radius(pA_lower, sigma(x), r, N)`` (IDRS, or Cohen's for r = 0).
+
+        With ``radii`` (a grid such as [0.25, 0.5, 0.75, 1.0]) the estimation is sequential: samples
+        are drawn in the stages of :func:`sequential_schedule` and a point stops as soon as its
+        outcome on the grid is decided (docs/math.md, "Sequential certification"); the bound of stage
+        k uses alpha / K, so the certificate holds with probability >= 1 - alpha whatever the stop.
         """
         n0, n, batch_size = (check(PositiveInt, v, name) for v, name in ((n0, "n0"), (n, "n"), (batch_size, "batch_size")))
         alpha = check(OpenUnitInterval, alpha, "alpha")
@@ -93,16 +125,49 @@ class SmoothedClassifier:
         computed = self._sigmas(x)
         sigma = computed.to(x.dtype)  # the level the noise multiplies: the certificate is about this one
         guess = self._sample_counts(x, sigma, n0, batch_size, generator).argmax(dim=1)
-        counts = self._sample_counts(x, sigma, n, batch_size, generator)
-        n_a = counts.gather(1, guess[:, None])[:, 0].cpu().numpy()
-        p_a_lower = clopper_pearson_lower(n_a, n, alpha)
-        sigma_np = sigma.double().cpu().numpy()
+        sigma_np, slack, dim = sigma.double().cpu().numpy(), self._log_slack(computed, sigma, r), math.prod(x.shape[1:])
+
+        def radius_of(p_a_lower, rows):
+            return certified_radius(p_a_lower, sigma_np[rows], r, dim if r > 0 else None, slack[rows])
+
+        if radii is None:
+            counts = self._sample_counts(x, sigma, n, batch_size, generator)
+            p_a_lower = clopper_pearson_lower(counts.gather(1, guess[:, None])[:, 0].cpu().numpy(), n, alpha)
+            samples = np.full(len(x), n)
+        else:
+            p_a_lower, samples = self._estimate_sequentially(x, sigma, guess, n, alpha, batch_size, generator,
+                                                             radii, radius_of)
         certified = p_a_lower >= 0.5
         prediction = np.where(certified, guess.cpu().numpy(), ABSTAIN)
-        dim = math.prod(x.shape[1:])
-        slack = self._log_slack(computed, sigma, r)
-        radius = certified_radius(p_a_lower, sigma_np, r, dim if r > 0 else None, slack)
-        return Certificates(prediction, p_a_lower, sigma_np, np.where(certified, radius, 0.0))
+        radius = radius_of(p_a_lower, slice(None))
+        return Certificates(prediction, p_a_lower, sigma_np, np.where(certified, radius, 0.0), samples)
+
+    def _estimate_sequentially(self, x, sigma, guess, n, alpha, batch_size, generator, radii, radius_of):
+        """(pA_lower, samples drawn) per input: stop when the grid level reached is the highest that an
+        optimistic projection to the full budget could still reach (or the budget is spent)."""
+        schedule = sequential_schedule(n)
+        level = alpha / len(schedule)  # union bound over the fixed schedule: any stopping rule is sound
+        grid = np.unique(np.r_[0.0, np.asarray(radii, dtype=np.float64)])  # 0: correct, whatever the radius
+
+        def grid_level(p_a_lower, rows):  # index of the highest grid radius reached; -1: abstain
+            return np.where(p_a_lower >= 0.5, np.searchsorted(grid, radius_of(p_a_lower, rows), "right") - 1, -1)
+
+        hits, samples, p_a_lower = np.zeros(len(x)), np.zeros(len(x), dtype=np.int64), np.zeros(len(x))
+        active, drawn = np.arange(len(x)), 0
+        for total in schedule:
+            rows = torch.as_tensor(active, device=x.device)
+            counts = self._sample_counts(x[rows], sigma[rows], total - drawn, batch_size, generator)
+            hits[active] += counts.gather(1, guess[rows][:, None])[:, 0].cpu().numpy()
+            drawn, samples[active] = total, total
+            p_a_lower[active] = clopper_pearson_lower(hits[active], total, level)
+            if total == n:
+                break
+            upper = clopper_pearson_upper(hits[active], total, PROJECTION_LEVEL)
+            projected = clopper_pearson_lower(upper * n, n, level)  # pA_lower at the full budget if pA were this
+            active = active[grid_level(projected, active) > grid_level(p_a_lower[active], active)]
+            if not len(active):
+                break
+        return p_a_lower, samples
 
     def predict(self, x, n: int, alpha: float, batch_size: int, generator=None) -> np.ndarray:
         """PREDICT: top two counts nA, nB of n samples; abstain (-1) unless the two-sided binomial

@@ -213,6 +213,7 @@ def summarize(
     sigma,
     radii,
     num_classes: Optional[int] = None,
+    samples=None,
 ) -> dict:
     """All statistics of one certification run as plain JSON-serialisable Python values.
 
@@ -220,8 +221,9 @@ def summarize(
     ``abstain_rate``, ``clean_accuracy`` (fraction of points predicted correctly by the smoothed
     classifier), ``mean_sigma``, ``class_certified_accuracy`` (``{str(class): {radius_key(R):
     acc}}``, classes with at least one point), ``class_num_points`` (``{str(class): count}``) and
-    ``radii`` (the grid as a list). Class keys are strings so that the dict equals its own JSON
-    round trip.
+    ``radii`` (the grid as a list); with ``samples`` (estimation samples per point) also
+    ``total_samples`` and ``mean_samples``. Class keys are strings so that the dict equals its own
+    JSON round trip.
 
     Raises ValueError on empty input, on mismatched lengths, and on an abstained point marked
     correct (that is a bug upstream).
@@ -241,7 +243,12 @@ def summarize(
 
     curve = certified_accuracy(r, c, g)
     matrix, counts = class_certified_accuracy_matrix(lab, r, c, g, num_classes)
-    return {
+    extra = {}
+    if samples is not None:
+        used = _as_1d("samples", samples, dtype=np.int64)
+        _same_length(labels=lab, samples=used)
+        extra = {"total_samples": int(used.sum()), "mean_samples": float(used.mean())}
+    return {**extra,
         "num_points": int(n),
         "radii": [float(R) for R in g],
         "certified_accuracy": {k: float(a) for k, a in zip(keys, curve)},

@@ -35,14 +35,14 @@ __all__ = ["TSV_HEADER", "TSV_NAME", "SETTINGS_NAME", "CertifyRow", "CertifyLog"
 
 log = logging.getLogger(__name__)
 
-TSV_HEADER = ("idx", "label", "predict", "radius", "correct", "sigma", "p_a_lower", "time")
+TSV_HEADER = ("idx", "label", "predict", "radius", "correct", "sigma", "p_a_lower", "time", "samples")
 TSV_NAME = "certify.tsv"
 SETTINGS_NAME = "settings.json"
 LOCK_NAME = ".certify.lock"
 
 CertifyRow = namedtuple("CertifyRow", TSV_HEADER)
 
-_INT_FIELDS = ("idx", "label", "predict", "correct")
+_INT_FIELDS = ("idx", "label", "predict", "correct", "samples")
 _FLOAT_FIELDS = ("radius", "sigma", "p_a_lower", "time")
 _PARSERS = tuple(int if name in _INT_FIELDS else float for name in TSV_HEADER)
 _DTYPES = {name: (np.int64 if name in _INT_FIELDS else np.float64) for name in TSV_HEADER}
@@ -347,7 +347,8 @@ class CertifyLog:
         from lightning_idrs.statistics import summarize
 
         c = self.columns(only)
-        return summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], radii, num_classes)
+        return summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], radii, num_classes,
+                         samples=c["samples"])
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -41,6 +41,8 @@ MUTANTS = [
     ("the median bracket on the wrong side", "radius.py",
      "result = stats.ncx2.sf(ratio_sq * m_hi, dim, lam0)", "result = stats.ncx2.sf(ratio_sq * m_lo, dim, lam0)"),
     ("the embedding's Lipschitz constant ignored", "sigma.py", "return self.r * lip", "return self.r"),
+    ("sequential: no union bound over the stages", "smoothing.py",
+     "level = alpha / len(schedule)", "level = alpha"),
     ("the noise uses a different sigma than the radius", "smoothing.py",
      "sigma = computed.to(x.dtype)  # the level", "sigma = (computed * 1.01).to(x.dtype)  # the level"),
 ]

@@ -303,3 +303,28 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: " + message), err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ sequential
+def test_sequential_certification_from_the_command_line(checkpoint, tmp_path, capsys):
+    out = tmp_path / "seq"
+    args = ["--ckpt_path", str(checkpoint), "--certify.n0", "10", "--certify.n", "20000", "--certify.max", "20",
+            "--certify.out", str(out), "--wandb.mode", "disabled", "--certify.sequential", "true",
+            "--certify.radii", "0.25,0.5,0.75,1.0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    tsv, summary = read_tsv(out / TSV_NAME), read_summary(out / SUMMARY_NAME)
+    assert set(tsv["samples"]) <= {1000, 3162, 10000, 20000} and (tsv["samples"] < 20000).any()
+    assert summary["total_samples"] == tsv["samples"].sum() and summary["mean_samples"] == tsv["samples"].mean()
+    assert summary["radii"] == [0.25, 0.5, 0.75, 1.0] and summary["sequential"] is True
+    assert "estimation samples" in printed
+    fixed = tmp_path / "fixed"
+    assert main(["--ckpt_path", str(checkpoint), "--certify.n0", "10", "--certify.n", "20000", "--certify.max", "20",
+                 "--certify.out", str(fixed), "--wandb.mode", "disabled"]) == 0
+    assert read_tsv(fixed / TSV_NAME)["samples"].tolist() == [20000] * 20
+
+
+def test_sequential_needs_a_grid(checkpoint, tmp_path, capsys):
+    assert main(certify_args(checkpoint, tmp_path / "o", "--certify.sequential", "true")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "error: --certify.sequential true needs the radius grid it decides on")

@@ -21,14 +21,16 @@ from lightning_idrs.smoothing import ABSTAIN
 
 
 class Scripted(nn.Module):
-    """A base classifier that answers class ``script[j]`` for the j-th noisy sample it is shown."""
+    """A base classifier that answers class ``script[j]`` for the j-th noisy sample it is shown (its last
+    answer once the script runs out)."""
 
     def __init__(self, script, num_classes=3):
         super().__init__()
         self.script, self.num_classes, self.seen = list(script), num_classes, 0
 
     def forward(self, x):
-        classes = torch.tensor(self.script[self.seen:self.seen + len(x)])
+        answers = self.script[self.seen:self.seen + len(x)]
+        classes = torch.tensor(answers + [self.script[-1]] * (len(x) - len(answers)))
         self.seen += len(x)
         return nn.functional.one_hot(classes, self.num_classes).float()
 
@@ -165,3 +167,17 @@ def test_api_inputs_are_accepted_or_refused_clearly():
     with pytest.raises(ValueError, match=r"^the base classifier returns logits of shape \(20, 3\); expected \[20, 2\]"):
         narrow.certify(x, 10, 100, 0.01, 50)
     assert math.isfinite(cert.p_a_lower.sum())
+
+
+def test_sequential_bounds_spend_alpha_over_the_stages():
+    n0, n, alpha = 20, 100_000, 0.001  # 5 stages: 1,000, 3,162, 10,000, 31,623, 100,000 samples
+    stages = 5
+    script = [2] * n0 + [2] * 1000  # every estimation sample hits: the top of the grid after stage 1
+    cert = certify_scripted(script, n0, n, alpha)
+    assert cert.samples.tolist() == [100_000]  # fixed n: all of it (the script repeats its last answer)
+    smoothed = SmoothedClassifier(Scripted(script + [2] * n), ConstantSigma(0.5), num_classes=3)
+    seq = smoothed.certify(torch.zeros(1, 4), n0, n, alpha, batch_size=64, generator=torch.Generator().manual_seed(0),
+                           radii=[0.25, 0.5, 0.75, 1.0])
+    assert seq.samples.tolist() == [1000]
+    assert seq.p_a_lower[0] == pytest.approx((alpha / stages) ** (1 / 1000), rel=1e-12)  # Beta(alpha/K; 1000, 1)
+    assert seq.radius[0] == cohen_radius(seq.p_a_lower[0], 0.5) > 1.0

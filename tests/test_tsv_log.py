@@ -27,7 +27,7 @@ ROW_SOURCE = textwrap.dedent(
         predict = -1 if j % 5 == 0 else j % 10
         radius = 0.0 if predict == -1 else j / 7.0
         return (j, j % 10, predict, radius, int(predict == j % 10), 0.25 * (1 + j / 1013.0),
-                0.5 + (j % 97) / 197.0, j * 1e-3 + 1 / 3)
+                0.5 + (j % 97) / 197.0, j * 1e-3 + 1 / 3, 1000 * (1 + j % 5))
     """
 )
 exec(ROW_SOURCE)  # defines expected_row
@@ -71,17 +71,17 @@ def test_append_and_reopen(tmp_path):
 
 
 def test_format_row_round_trips_floats():
-    r = (7, 3, 3, 0.1 + 0.2, 1, 1 / 3, 0.9999999999999999, 12.345678901234567)
+    r = (7, 3, 3, 0.1 + 0.2, 1, 1 / 3, 0.9999999999999999, 12.345678901234567, 100000)
     line = format_row(r)
-    assert line.endswith("\n") and line.count("\t") == 7
+    assert line.endswith("\n") and line.count("\t") == 8
     fields = line.rstrip("\n").split("\t")
     assert [float(fields[k]) for k in (3, 5, 6, 7)] == [r[3], r[5], r[6], r[7]]
-    with pytest.raises(ValueError, match=r"^row must have 8 fields \('idx', .*, got 3$"):
+    with pytest.raises(ValueError, match=r"^row must have 9 fields \('idx', .*, got 3$"):
         format_row((1, 2, 3))
     with pytest.raises(ValueError, match="^correct must be 0 or 1, got 2$"):
-        format_row((1, 0, 0, 0.5, 2, 0.25, 0.9, 1.0))
+        format_row((1, 0, 0, 0.5, 2, 0.25, 0.9, 1.0, 10))
     with pytest.raises(ValueError, match=r"^field 'idx' must be an integer, got 1\.5$"):
-        format_row((1.5, 0, 0, 0.5, 1, 0.25, 0.9, 1.0))
+        format_row((1.5, 0, 0, 0.5, 1, 0.25, 0.9, 1.0, 10))
 
 
 def test_duplicate_append_is_refused_and_writes_nothing(tmp_path):

@@ -120,10 +120,22 @@ def _load_yaml(path: str) -> dict:
     return config
 
 
+def _radii_as_list(argv: list) -> list:
+    """``--certify.radii 0.25,0.5`` as the YAML list jsonargparse reads (``[0.25,0.5]``)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--certify.radii" and i + 1 < len(out) and "," in out[i + 1] and "[" not in out[i + 1]:
+            out[i + 1] = f"[{out[i + 1]}]"
+        elif arg.startswith("--certify.radii=") and "," in arg and "[" not in arg:
+            out[i] = f"--certify.radii=[{arg.split('=', 1)[1]}]"
+    return out
+
+
 def parse_args(argv):
     """(options namespace, config dict). The config's certify: section gives defaults to the flags."""
     from lightning_idrs.commands.trainer import packaged_config
 
+    argv = _radii_as_list(argv)
     parser = build_parser()
     cfg = parser.parse_args(list(argv))
     config = _load_yaml(packaged_config(cfg.config)) if cfg.config else {}
@@ -185,7 +197,7 @@ def _compare_columns(path: Optional[str]):
 
 
 # ------------------------------------------------------------------------------------ work
-def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts: CertifyOptions) -> int:
+def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts: CertifyOptions, radii) -> int:
     """Certify the chunks ``todo`` over all processes; rank 0 appends the missing rows. Returns #new rows."""
     from tqdm import tqdm
 
@@ -197,7 +209,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
                disable=fabric.global_rank != 0)
     try:
         for rows in certify_sharded(smoothed, dataset, todo, opts, fabric.device, fabric.global_rank,
-                                    fabric.world_size, fabric.all_gather):
+                                    fabric.world_size, fabric.all_gather, radii):
             if log is not None:  # rank 0: one write (and fsync) per round of chunks
                 written += log.append([row for row in rows.tolist() if int(row[0]) not in log.done])
             bar.update(len(rows))
@@ -281,6 +293,7 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
 def prepare(cfg, config: dict, opts: CertifyOptions, device):
     """(loaded checkpoint, data set, selected indices, settings): everything that determines the rows."""
     from lightning_idrs.checkpoint import load_checkpoint
+    from lightning_idrs.reporting import radius_grid
 
     overrides = {} if cfg.data.root is None else {"root": cfg.data.root}
     loaded = load_checkpoint(cfg.ckpt_path, device, data=config.get("data"), overrides=overrides)
@@ -296,8 +309,11 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
         "sigma": model.hparams.sigma, "semi_elasticity": r, "skip": opts.skip, "noise": NOISE_SCHEME,
         "precision": opts.precision,
-        **asdict(CertifySettings(opts.n0, opts.n, opts.alpha, opts.batch_size, opts.seed, opts.points_per_chunk)),
+        **asdict(CertifySettings(opts.n0, opts.n, opts.alpha, opts.batch_size, opts.seed, opts.points_per_chunk,
+                                 opts.sequential)),
     }
+    if opts.sequential:  # the grid decides when a point stops: it is part of what determines the rows
+        settings["radii"] = radius_grid(opts).tolist()
     return loaded, dataset, selected, settings
 
 
@@ -310,6 +326,9 @@ def run(cfg, config: dict) -> int:
     from lightning_idrs.tsv_log import TSV_NAME
 
     opts, wandb_opts = CertifyOptions(**vars(cfg.certify)), WandbOptions(**vars(cfg.wandb))
+    if opts.sequential and opts.radii is None and opts.radii_max is None:
+        raise UsageError("--certify.sequential true needs the radius grid it decides on: --certify.radii "
+                         "0.25,0.5,0.75,1.0 (or --certify.radii_max with --certify.radii_step)")
     compare = _compare_columns(opts.compare)
     fabric = launch(opts)
     loaded, dataset, selected, settings = prepare(cfg, config, opts, fabric.device)
@@ -323,7 +342,7 @@ def run(cfg, config: dict) -> int:
     smoothed = SmoothedClassifier(model.model, model.sigma, model.hparams.num_classes, forward_context=fabric.autocast)
     with log if log is not None else nullcontext():
         start = time.perf_counter()
-        new = certify_points(fabric, log, smoothed, dataset, todo, len(selected), opts)
+        new = certify_points(fabric, log, smoothed, dataset, todo, len(selected), opts, settings.get("radii"))
         elapsed = time.perf_counter() - start
         if not rank0:
             return 0
@@ -338,7 +357,8 @@ def run(cfg, config: dict) -> int:
     print(f"certified {new} new point(s) in {elapsed:.1f} s; {summary['num_points']} in {out / TSV_NAME}")
     print("certified accuracy: " + ", ".join(f"R={k}: {summary['certified_accuracy'][k]:.3f}" for k in shown))
     print(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
-          f"smoothed clean accuracy {summary['clean_accuracy']:.3f}")
+          f"smoothed clean accuracy {summary['clean_accuracy']:.3f}; estimation samples {summary['total_samples']:,} "
+          f"({summary['mean_samples']:,.0f} per point)")
     print(f"wrote {out / SUMMARY_NAME} and {png}", flush=True)
     return 0
 
