@@ -1,4 +1,4 @@
-"""Exact mean distance to the k nearest points of a fixed set: faiss proposes, float64 decides.
+"""Exact distances to the k nearest points of a fixed set (their mean, or the k-th): faiss proposes, float64 decides.
 
 faiss ranks with float32 ||a||^2 + ||b||^2 - 2ab, which is inexact for close points. So faiss only
 proposes k + margin candidates; their distances are recomputed in float64 as the norm of the
@@ -58,20 +58,22 @@ class KnnIndex:
         self._gpu = {}  # cuda device index -> (resources, gpu index, xb on that device) or None
 
     # ------------------------------------------------------------------------------ queries
-    def mean_distance(self, queries: torch.Tensor, k: int, margin: int) -> torch.Tensor:
-        """Mean float64 distance from each query ([b, d], any float dtype) to its k nearest points."""
+    def mean_distance(self, queries: torch.Tensor, k: int, margin: int, statistic: str = "mean") -> torch.Tensor:
+        """float64 mean distance from each query ([b, d], any float dtype) to its k nearest points
+        (``statistic="kth"``: the distance to the k-th nearest). Both are 1-Lipschitz in the query."""
         q = queries.to(torch.float64) - self.mu.to(queries.device)
-        return self._knn_mean(q, None, k, margin).to(queries.device)
+        return self._knn_mean(q, None, k, margin, statistic).to(queries.device)
 
-    def training_mean_distance(self, rows: torch.Tensor, k: int, margin: int, device) -> torch.Tensor:
-        """Mean distance from stored points ``rows`` to their k nearest *other* points (excluded by index)."""
+    def training_mean_distance(self, rows: torch.Tensor, k: int, margin: int, device,
+                               statistic: str = "mean") -> torch.Tensor:
+        """As :meth:`mean_distance` for stored points ``rows``, each excluded from its own neighbours (by index)."""
         q = self.xb[rows].to(device, torch.float64)
-        return self._knn_mean(q, rows, k, margin).to(device)
+        return self._knn_mean(q, rows, k, margin, statistic).to(device)
 
     # ------------------------------------------------------------------------------ core
     @torch.no_grad()
-    def _knn_mean(self, q, exclude: Optional[torch.Tensor], k: int, margin: int):
-        """Mean exact distance from centred queries q [b, d] to their k nearest points (``exclude``: row ids)."""
+    def _knn_mean(self, q, exclude: Optional[torch.Tensor], k: int, margin: int, statistic: str = "mean"):
+        """Exact mean (or k-th) distance from centred queries q [b, d] to their k nearest points (``exclude``: row ids)."""
         gpu = self._on_gpu(q.device)
         device = q.device if gpu is not None else torch.device("cpu")
         q = q.to(device)
@@ -88,10 +90,11 @@ class KnnIndex:
             slack = self._bound(searcher is not self.index) * ((q * q).sum(1) + self.max_sq_norm)
             ok = (dist2.max(1).values.double() - slack >= nearest[:, -1] ** 2) & (ids >= 0).all(1)
         ok &= torch.isfinite(nearest[:, -1])  # fewer than k valid candidates (approximate index)
-        out = nearest.mean(1)
+        out = nearest.mean(1) if statistic == "mean" else nearest[:, -1].clone()
         redo = (~ok).nonzero().squeeze(1)
         if len(redo):
-            out[redo] = self._brute_force(q[redo], xb, None if exclude is None else exclude[redo], k, margin)
+            nearest = self._brute_force(q[redo], xb, None if exclude is None else exclude[redo], k, margin)
+            out[redo] = nearest.mean(1) if statistic == "mean" else nearest[:, -1]
         return out
 
     def _candidate_dist(self, q, xb, ids, exclude):
@@ -108,7 +111,8 @@ class KnnIndex:
         return out
 
     def _brute_force(self, q, xb, exclude, k, margin):
-        """Float64 scan over all points: the fallback when faiss' ranking can't be proven."""
+        """The k nearest exact distances [b, k] (ascending) by a float64 scan over all points: the fallback
+        when faiss' ranking can't be proven."""
         kc = min(self.n, k + (exclude is not None) + margin)
         best_d = torch.full((len(q), 0), math.inf, dtype=torch.float64, device=q.device)
         best_i = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
@@ -119,7 +123,7 @@ class KnnIndex:
             best_d, pos = torch.cat([best_d, d2], 1).topk(min(kc, best_d.shape[1] + len(block)), 1, largest=False)
             best_i = torch.cat([best_i, torch.arange(j, j + len(block), device=q.device).expand(len(q), -1)], 1)
             best_i = best_i.gather(1, pos)
-        return self._candidate_dist(q, xb, best_i, exclude).topk(k, dim=1, largest=False).values.mean(1)
+        return self._candidate_dist(q, xb, best_i, exclude).topk(k, dim=1, largest=False).values
 
     def _bound(self, on_gpu: bool) -> float:
         """c with |faiss' squared distance - exact| <= c (||q||^2 + ||x_i||^2) (Higham's gamma_n)."""

@@ -334,8 +334,9 @@ def sigma_ratio_bounds(p_b, dim):
     if ((p_b <= 0) | (p_b >= 1)).any():
         raise ValueError("p_b must lie in (0, 1)")
     dim = np.asarray(dim)
-    if (dim < 1).any() or (np.floor(dim) != dim).any():
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    bad = (dim < 1) | (np.floor(dim) != dim)
+    if bad.any():
+        raise ValueError(f"dim must be a positive integer, got {np.ravel(dim)[np.ravel(bad)][0].item()!r}")
     dim = dim.astype(np.float64)
     t_low, t_high = _log_equation_roots(2.0 * np.log(p_b) / dim)
     lower = np.sqrt(1.0 + t_low)

@@ -9,7 +9,7 @@ Any subclass of :class:`Sigma` plugs in by ``class_path`` (``--model.sigma my_mo
 docs/extending.md says what an implementation must guarantee and shows one.
 """
 
-from typing import Optional
+from typing import Literal, Optional
 
 import math
 
@@ -148,6 +148,8 @@ class KnnSigma(Sigma):
         index_factory: faiss index string; only "Flat" (exact L2) can be certified.
         candidate_margin: extra faiss candidates re-ranked in float64 (default max(16, k)).
         batch_size: queries per search, bounds memory for any B.
+        statistic: ``mean`` (the paper's d_k: the mean distance to the k nearest) or ``kth`` (the
+            distance to the k-th nearest); both are 1-Lipschitz, so the certificate is the same.
 
     State: ``state_dict()`` carries sigma_b, r, k, m, Lip declaration, the index type, the training
     set fingerprint (extra state) and phi's parameters (submodule); never the training data. After
@@ -161,7 +163,8 @@ class KnnSigma(Sigma):
     def __init__(self, sigma_base: PositiveFloat = 0.25, semi_elasticity: NonNegativeFloat = 0.1,
                  k: PositiveInt = 20, m: Optional[FiniteFloat] = None, embedding: Optional[Embedding] = None, *,
                  embedding_lipschitz: Optional[PositiveFloat] = None, index_factory: str = "Flat",
-                 candidate_margin: Optional[NonNegativeInt] = None, batch_size: PositiveInt = 2048):
+                 candidate_margin: Optional[NonNegativeInt] = None, batch_size: PositiveInt = 2048,
+                 statistic: Literal["mean", "kth"] = "mean"):
         super().__init__()
         self.sigma_base = check(PositiveFloat, sigma_base, "sigma_base")
         self.r = check(NonNegativeFloat, semi_elasticity, "semi_elasticity")
@@ -178,6 +181,9 @@ class KnnSigma(Sigma):
         self.candidate_margin = max(16, self.k) if candidate_margin is None else check(
             NonNegativeInt, candidate_margin, "candidate_margin")
         self.batch_size = check(PositiveInt, batch_size, "batch_size")
+        if statistic not in ("mean", "kth"):
+            raise ValueError(f"statistic must be 'mean' or 'kth', got {statistic!r}")
+        self.statistic = statistic
         self.fingerprint = None
         self._input_features = 0  # N of the training inputs (set by fit; enters log_error)
         self._index: Optional[KnnIndex] = None
@@ -215,7 +221,8 @@ class KnnSigma(Sigma):
 
     @property
     def label(self):
-        return f"IDRS (sigma_b={self.sigma_base:g}, r={self.r:g}, k={self.k})"
+        kth = ", k-th neighbour" if self.statistic == "kth" else ""
+        return f"IDRS (sigma_b={self.sigma_base:g}, r={self.r:g}, k={self.k}{kth})"
 
     def fit(self, train, cache_training=False):
         """Build the exact index over phi(train) ([n, ...]); set m if None; returns self.
@@ -285,7 +292,7 @@ class KnnSigma(Sigma):
 
     @torch.no_grad()
     def mean_knn_distance(self, x):
-        """d_k(x) in float64, shape [B], on x's device."""
+        """d_k(x) in float64, shape [B], on x's device (the k-th neighbour's distance with statistic="kth")."""
         self._require_fitted()
         x = _as_batch(x, "x")
         out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
@@ -296,7 +303,7 @@ class KnnSigma(Sigma):
                                  f"holds {self._index.d}-dimensional points")
             if not torch.isfinite(q).all():
                 raise ValueError("embedding(x) contains NaN or inf values")
-            out[i:i + len(q)] = self._index.mean_distance(q, self.k, self.candidate_margin).to(x.device)
+            out[i:i + len(q)] = self._index.mean_distance(q, self.k, self.candidate_margin, self.statistic).to(x.device)
         return out
 
     def sigma_from_distance(self, dist):
@@ -341,7 +348,8 @@ class KnnSigma(Sigma):
         dist = torch.empty(index.n, dtype=torch.float64, device=device)
         for i in range(0, index.n, self.batch_size):
             rows = torch.arange(i, min(i + self.batch_size, index.n))
-            dist[i:i + len(rows)] = index.training_mean_distance(rows, self.k, self.candidate_margin, device)
+            dist[i:i + len(rows)] = index.training_mean_distance(rows, self.k, self.candidate_margin, device,
+                                                                 self.statistic)
         self._train_dist = dist
 
     def _require_fitted(self):
@@ -354,12 +362,12 @@ class KnnSigma(Sigma):
         if isinstance(self.embedding, nn.Module):
             state = self.embedding.state_dict()
             phi = sha256_hex("|".join(state), *(v.detach().reshape(-1).contiguous().view(torch.uint8) for v in state.values()))
-        return (self.fingerprint, self.k, self.index_factory, phi)
+        return (self.fingerprint, self.k, self.index_factory, self.statistic, phi)
 
     def get_extra_state(self):
         return {"version": 1, "sigma_base": self.sigma_base, "r": self.r, "k": self.k, "m": self.m,
                 "fingerprint": self.fingerprint, "embedding_lipschitz": self.embedding_lipschitz,
-                "index_factory": self.index_factory}
+                "index_factory": self.index_factory, "statistic": self.statistic}
 
     def set_extra_state(self, state):
         self.sigma_base = check(PositiveFloat, state["sigma_base"], "sigma_base")
@@ -369,6 +377,7 @@ class KnnSigma(Sigma):
         self.fingerprint = state["fingerprint"]
         self.embedding_lipschitz = state["embedding_lipschitz"]
         self.index_factory = state["index_factory"]
+        self.statistic = state.get("statistic", "mean")  # checkpoints of 0.1 have the mean only
 
     @staticmethod
     def _after_load(module, incompatible_keys):
@@ -386,5 +395,5 @@ class KnnSigma(Sigma):
 
     def extra_repr(self):
         m = "None" if self.m is None else f"{self.m:.6g}"
-        return (f"sigma_base={self.sigma_base:g}, r={self.r:g}, k={self.k}, m={m}, "
+        return (f"sigma_base={self.sigma_base:g}, r={self.r:g}, k={self.k}, statistic={self.statistic}, m={m}, "
                 f"index_factory={self.index_factory!r}, fitted={self.is_fitted}")

@@ -317,3 +317,19 @@ def test_lightning_checkpoint_roundtrip(tmp_path):
     torch.testing.assert_close(loaded.sigma.fit(x)(x), model.sigma(x))
     with pytest.raises(ValueError, match=r"training set fingerprint [0-9a-f]{16}\.\.\. does not match the fingerprint"):
         Model.load_from_checkpoint(tmp_path / "sigma.ckpt", sigma=KnnSigma(1.0, 0.0, 5)).sigma.fit(x[:-1])
+
+
+def test_kth_neighbour_statistic_matches_brute_force_and_survives_a_checkpoint():
+    rng = np.random.default_rng(5)
+    train = torch.from_numpy(rng.normal(size=(300, 2, 3, 2)).astype(np.float32))
+    queries = torch.from_numpy(rng.normal(size=(40, 2, 3, 2)).astype(np.float32))
+    sigma = KnnSigma(0.5, 0.3, k=7, statistic="kth").fit(train)
+    dist = np.sqrt(((queries.reshape(40, -1).double().numpy()[:, None] - train.reshape(300, -1).double().numpy()[None])
+                    ** 2).sum(-1))
+    np.testing.assert_allclose(sigma.mean_knn_distance(queries).numpy(), np.sort(dist, 1)[:, 6], rtol=1e-6)
+    restored = KnnSigma(0.5, 0.3, k=7)
+    restored.load_state_dict(sigma.state_dict())
+    assert restored.statistic == "kth"
+    torch.testing.assert_close(restored.fit(train)(queries), sigma(queries), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^statistic must be 'mean' or 'kth', got 'median'$"):
+        KnnSigma(0.5, 0.3, k=7, statistic="median")

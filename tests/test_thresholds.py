@@ -36,3 +36,22 @@ def test_top_level_help_lists_every_command(capsys):
     assert "  certify " in err and "  thresholds " in err
     assert err.strip().splitlines()[-1] == ("error: unknown command 'fitt'; choose one of fit, validate, test, "
                                             "certify, thresholds")
+
+
+def test_plot_writes_the_papers_figures(tmp_path, capsys):
+    assert main(["thresholds", "--plot", str(tmp_path / "figures")]) == 0
+    folder = tmp_path / "figures"
+    for name in ("thresholds.png", "worst_case.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (folder / "thresholds.md").read_text()
+    for dim, row in PAPER_TABLE.items():
+        line = next(l for l in table.splitlines() if f"({dim})" in l)
+        lower = [float(x) for x in re.findall(r"(\d\.\d{3}) /", line)]
+        assert lower == pytest.approx(row, abs=1.5e-3)
+    curves = (folder / "worst_case.md").read_text()
+    first = next(l for l in curves.splitlines() if l.startswith("| 0.250 |"))
+    values = [float(v) for v in first.strip("|").split("|")[1:]]
+    assert values[3] < 0.5 < min(values[0], values[-1])  # sigma1 = sigma0 certifies at 0.25; 4% off does not
+    (tmp_path / "afile").write_text("x")
+    assert main(["thresholds", "--plot", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.startswith("error: --plot ")

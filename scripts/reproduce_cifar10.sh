@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The paper's CIFAR-10 grid (ResNet-110, SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 every 30
+# of 90 epochs, batch 400; RS and IDRS r = 0.01, k = 20 at sigma_b 0.12 / 0.25 / 0.5), then certify
+# every 20th test image at n = 100,000. Resumable. E.g. on 4 GPUs:
+#   DATA=~/data DEVICES=4 bash scripts/reproduce_cifar10.sh        # M=ours: m = mean training kNN distance
+exec bash "$(dirname "$0")/reproduce.sh" cifar10
