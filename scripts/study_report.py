@@ -26,7 +26,7 @@ def _machine() -> str:
 def _row(name, spec, summary):
     acc = [summary["certified_accuracy"][f"{r:g}"] for r in REPORT_GRID]
     return (f"| {name} | {spec['sigma_base']:g} | {spec['r']:g} | {spec['k'] if spec['r'] else '-'} | "
-            f"{spec['design'] if spec['r'] else 'RS'} | " + " | ".join(f"{a:.3f}" for a in acc)
+            f"{spec['design'] if spec['r'] else 'constant (RS)'} | " + " | ".join(f"{a:.3f}" for a in acc)
             + f" | {summary['acr']:.4f} | {summary['mean_sigma']:.3f} |")
 
 
@@ -70,16 +70,17 @@ def write_report(results, best_r, args, seconds):
     report.mkdir(parents=True, exist_ok=True)
     _figures(results, report)
     points = next(iter(results.values()))[1]["num_points"]
+    which = "the whole test split" if args.skip == 1 else f"every {args.skip}-th test point"
     lines = [
         "# RS vs IDRS on the embedded digits data",
         "",
-        "Written by `python scripts/study_digits.py` "
-        f"({seconds / 60:.0f} minutes on {_machine()}). Every setting trains the `{args.arch}` base model with",
-        f"`python -m lightning_idrs fit --config digits` ({args.epochs} epochs, the checkpoint with the best noisy",
-        f"validation accuracy) and certifies every {args.skip}rd test point ({points} of 360, all classes) with",
-        f"`python -m lightning_idrs certify` at n = {args.n:,}, alpha = 0.001. Fewer points than the whole split:",
-        "a fixed-n certificate costs about a second per point with this model on 2 CPU cores, and the 20",
-        "settings had to fit in 45 minutes; the same points are certified in every setting.",
+        f"Written by `python scripts/study_digits.py{' --quick' if args.quick else ''}` ({seconds / 60:.0f} minutes on "
+        f"{_machine()}).",
+        f"Every setting trains the `{args.arch}` base model with `python -m lightning_idrs fit --config digits`",
+        f"({args.epochs} epochs, the checkpoint with the best noisy validation accuracy) and certifies {which}",
+        f"({points} points, the same in every setting) with `python -m lightning_idrs certify` at n = {args.n:,},",
+        "alpha = 0.001. The MLP (two hidden layers of 256) rather than the default small CNN keeps the 19",
+        "fixed-n certifications of 360 points within the CPU budget (1.1 vs 27 us per noisy sample here).",
         "",
         "## Certified accuracy",
         "",
