@@ -6,6 +6,7 @@
 * :func:`scalars`: the scalar keys logged to every logger (``certify/acc@R``, ``certify/acr``, ...);
 * :func:`plot_curves`: certified accuracy vs radius as a PNG (matplotlib's Agg canvas, no display);
 * :func:`write_summary`: ``summary.json``, written atomically as strict JSON;
+* :func:`keep_run_files_under`: W&B's and matplotlib's own files go under the run's folder;
 * :func:`log_to_wandb`: the scalars, a (radius, certified accuracy) ``wandb.Table`` with its line
   plot, the sigma(x) histogram and the PNG, through Lightning's ``WandbLogger``.
 
@@ -26,7 +27,8 @@ from lightning_idrs.statistics import certified_accuracy, default_radius_grid, r
 from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, check
 
 __all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "log_to_wandb", "plot_curves", "radius_grid",
-           "read_summary", "scalars", "fsync_dir", "json_ready", "write_json_atomic", "write_summary"]
+           "read_summary", "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "wandb_online_problem",
+           "write_json_atomic", "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -223,18 +225,21 @@ _WANDB_FOLDERS = {"WANDB_CACHE_DIR": ".cache", "WANDB_CONFIG_DIR": ".config", "W
 _SET_BY_US: dict = {}
 
 
-def keep_wandb_files_under(root) -> Path:
-    """Point W&B's own logs, cache, settings and artifact staging at ``root/wandb`` (not the home folder).
-
-    A variable the user set stays as it is. Returns the W&B folder; OSError if it cannot be written.
-    """
-    folder = Path(root) / "wandb"
-    folder.mkdir(parents=True, exist_ok=True)
-    for variable, name in _WANDB_FOLDERS.items():
+def keep_run_files_under(root, wandb: bool = True) -> Path:
+    """Point the files a run writes outside its output at ``root``: matplotlib's font cache
+    (``root/.matplotlib``) and, with ``wandb``, W&B's own logs, cache, settings and artifact staging
+    (``root/wandb/...``), instead of the home folder. A variable the user set stays as it is.
+    Returns ``root``; OSError if it cannot be written."""
+    root = Path(root)
+    places = {"MPLCONFIGDIR": root / ".matplotlib"}
+    if wandb:
+        (root / "wandb").mkdir(parents=True, exist_ok=True)
+        places.update({variable: root / "wandb" / name for variable, name in _WANDB_FOLDERS.items()})
+    for variable, path in places.items():
         current = os.environ.get(variable)
         if current is None or current == _SET_BY_US.get(variable):
-            os.environ[variable] = _SET_BY_US[variable] = str((folder / name).resolve())
-    return folder
+            os.environ[variable] = _SET_BY_US[variable] = str(path.resolve())
+    return root
 
 
 def wandb_online_problem(timeout: float = 10.0) -> Optional[str]:

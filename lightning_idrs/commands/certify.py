@@ -254,11 +254,11 @@ def _wandb_offline(mode: str) -> bool:
 def _log_wandb(out: Path, summary: dict, png: Path, sigmas, wandb_opts: WandbOptions) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
-    from lightning_idrs.reporting import keep_wandb_files_under, log_to_wandb, scalars
+    from lightning_idrs.reporting import keep_run_files_under, log_to_wandb, scalars
 
     import wandb
 
-    keep_wandb_files_under(out)
+    keep_run_files_under(out)
     config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     logger = WandbLogger(save_dir=str(out), project=wandb_opts.project, offline=_wandb_offline(wandb_opts.mode),
                          job_type="certify", config=config, reinit="create_new",
@@ -273,8 +273,10 @@ def _log_wandb(out: Path, summary: dict, png: Path, sigmas, wandb_opts: WandbOpt
 
 def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: WandbOptions) -> Path:
     """summary.json, the PNG (with the compare curve) and W&B; returns the PNG's path."""
-    from lightning_idrs.reporting import PLOT_NAME, SUMMARY_NAME, curve, curve_from_tsv_columns, plot_curves, write_summary
+    from lightning_idrs.reporting import (PLOT_NAME, SUMMARY_NAME, curve, curve_from_tsv_columns, keep_run_files_under,
+                                          plot_curves, write_summary)
 
+    keep_run_files_under(out, wandb=False)
     write_summary(out / SUMMARY_NAME, summary)
     curves = {summary["sigma_label"]: curve(summary)}
     if compare is not None:

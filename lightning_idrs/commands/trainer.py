@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI
 from lightning_idrs.checkpoint import datamodule_config, load_model, read_checkpoint
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
-from lightning_idrs.reporting import keep_wandb_files_under, wandb_online_problem
+from lightning_idrs.reporting import keep_run_files_under, wandb_online_problem
 from lightning_idrs.validation import UsageError, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -112,6 +112,7 @@ class IDRSCLI(LightningCLI):
         if config.get("weights_only") is False:
             raise UsageError("--weights_only false is not supported: checkpoints are read with the safe unpickler")
         root = writable_folder(config.trainer.get("default_root_dir") or ".", "--trainer.default_root_dir")
+        keep_run_files_under(root, wandb=False)  # e.g. the Callback's plots: matplotlib's cache
         for logger in _loggers(config.trainer):
             init_args = logger.get("init_args") if hasattr(logger, "get") else None
             if init_args is None:
@@ -123,7 +124,7 @@ class IDRSCLI(LightningCLI):
 
     @staticmethod
     def _prepare_wandb(init_args) -> None:
-        keep_wandb_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
+        keep_run_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
         if not init_args.get("offline"):
             problem = wandb_online_problem()
             if problem is not None:
