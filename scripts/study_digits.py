@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
