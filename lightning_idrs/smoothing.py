@@ -6,6 +6,8 @@ of its noise samples (docs/math.md). With a constant sigma this is Cohen et al.'
 * :func:`add_noise` draws x + sigma(x) * eps: the one noise path of training, validation and
   certification.
 * :class:`SmoothedClassifier` runs CERTIFY / PREDICT on a batch of inputs at once.
+* :func:`use_channels_last` stores a convolutional base classifier's weights channels-last, the
+  layout in which its forward passes run fastest on CPU (benchmarks/README.md).
 
 Certifying the points of a data set (seeded chunks, several processes) is ``lightning_idrs.sharding``.
 """
@@ -26,7 +28,7 @@ from lightning_idrs.validation import OpenUnitInterval, PositiveInt, UsageError,
 ABSTAIN = -1
 
 __all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "PROJECTION_LEVEL", "SmoothedClassifier", "add_noise",
-           "clopper_pearson_lower", "clopper_pearson_upper", "sequential_schedule"]
+           "clopper_pearson_lower", "clopper_pearson_upper", "sequential_schedule", "use_channels_last"]
 
 
 class BrokenModelError(UsageError):
@@ -41,6 +43,31 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Ge
     """x + sigma_i * eps_i with eps_i ~ N(0, I): one noise level per input of the batch ``x`` [B, ...]."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + sigma.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * noise
+
+
+def use_channels_last(model: nn.Module, input_shape, device) -> nn.Module:
+    """Store ``model``'s 4-D weights channels-last (NHWC), in place, and return it.
+
+    Convolutions then pick oneDNN's NHWC kernels: measured 1.3x (ResNet-20) to 2.5x (digits CNN)
+    faster on CPU (benchmarks/README.md). Inputs and noise keep the default layout, so the noise
+    stream is unchanged; the logits move by float rounding only (~1e-6). A model without 4-D weights
+    is left as it is. Raises ValueError, with the weights restored, if the model cannot run that way
+    (e.g. it calls ``.view`` on a feature map).
+    """
+    if not any(p.dim() == 4 for p in model.parameters()):
+        return model
+    was_training = model.training
+    model.to(memory_format=torch.channels_last).eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(2, *input_shape, device=device))
+    except RuntimeError as error:
+        model.to(memory_format=torch.contiguous_format)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"the base classifier cannot run with channels-last weights: {reason}") from None
+    finally:
+        model.train(was_training)
+    return model
 
 
 def clopper_pearson_lower(successes, trials, alpha) -> np.ndarray:

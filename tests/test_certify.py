@@ -231,6 +231,32 @@ def test_rerun_with_other_settings_into_same_directory_is_refused(checkpoint, tm
     assert code == 2 and "Traceback" not in err
     assert "different settings" in err and "n: 200 in the directory, 100 now" in err
     assert (out / TSV_NAME).read_bytes() == before
+    # the weight layout moves the logits by rounding, so it is a setting of the rows too
+    code = main(certify_args(checkpoint, out, "--certify.max", "2", "--certify.channels_last", "false"))
+    err = capsys.readouterr().err
+    assert code == 2 and "different settings" in err and "memory_format" in err
+    assert (out / TSV_NAME).read_bytes() == before
+
+
+def test_a_model_that_cannot_run_channels_last_gets_one_line_and_the_way_out(tmp_path, capsys):
+    from lightning_idrs.models import MODELS, register_model
+    from tests.test_smoothing import ViewCNN
+
+    if "viewcnn" not in MODELS:
+        register_model("viewcnn")(ViewCNN)
+    cli = cli_main(["fit", "--model.arch", "viewcnn", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false"])
+    viewcnn = cli.trainer.checkpoint_callback.best_model_path
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(certify_args(viewcnn, out, "--certify.max", "3")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the base classifier cannot run with channels-last weights: view size")
+    assert err.strip().endswith("use --certify.channels_last false") and not out.exists()
+    assert main(certify_args(viewcnn, out, "--certify.max", "3", "--certify.channels_last", "false")) == 0
+    assert len(read_tsv(out / TSV_NAME)["idx"]) == 3
 
 
 def test_wandb_offline_run_folder_inside_output(checkpoint, tmp_path):

@@ -172,3 +172,55 @@ def test_bad_inputs():
         smoothed.certify(x[0], 10, 100, 0.01, 64)
     with pytest.raises(ValueError, match=r"^alpha must be a number in \(0, 1\), got 2\.0$"):
         smoothed.predict(x, 100, 2.0, 64)
+
+
+class ViewCNN(nn.Module):
+    """conv -> ``.view`` of the feature map: a pattern (in users' models) that channels-last weights break."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv = nn.Conv2d(c, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * h * w, num_classes)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return self.fc(features.view(features.shape[0], -1))
+
+
+def test_channels_last_weights_change_the_layout_not_the_certificates():
+    from lightning_idrs.models import build_model
+    from lightning_idrs.smoothing import use_channels_last
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", (1, 8, 8), 10, (0.5,), (0.25,)).eval()
+    reference = build_model("small_cnn", (1, 8, 8), 10, (0.5,), (0.25,))
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    assert use_channels_last(model, (1, 8, 8), "cpu") is model and not model.training
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(m.weight.is_contiguous() for m in convs if m.in_channels > 1)  # C = 1: both layouts
+    x = torch.rand(6, 1, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    runs = [SmoothedClassifier(m, ConstantSigma(0.3), 10).certify(x, 20, 400, 0.001, 128,
+                                                                  torch.Generator().manual_seed(3))
+            for m in (model, reference)]
+    np.testing.assert_array_equal(runs[0].prediction, runs[1].prediction)  # same noise; logits differ by ~1e-6
+    np.testing.assert_allclose(runs[0].p_a_lower, runs[1].p_a_lower, atol=0.01)
+
+    mlp = build_model("mlp", (1, 8, 8), 10, (0.5,), (0.25,))  # no 4-D weights: left as it is
+    before = {k: v.stride() for k, v in mlp.state_dict().items()}
+    assert {k: v.stride() for k, v in use_channels_last(mlp, (1, 8, 8), "cpu").state_dict().items()} == before
+
+
+def test_a_model_that_cannot_run_channels_last_is_refused_and_restored():
+    from lightning_idrs.smoothing import use_channels_last
+
+    model = ViewCNN().train()
+    with pytest.raises(ValueError, match="cannot run with channels-last weights: view size"):
+        use_channels_last(model, (1, 8, 8), "cpu")
+    assert model.conv.weight.is_contiguous() and model.training
+    with torch.inference_mode():
+        assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)

@@ -3,7 +3,7 @@
     python -m lightning_idrs certify --ckpt_path CKPT [--config CFG] [--data.root DIR]
         [--certify.n0 100] [--certify.n 100000] [--certify.alpha 0.001] [--certify.batch_size 1000]
         [--certify.split test] [--certify.skip 1] [--certify.max N] [--certify.out DIR]
-        [--certify.compare OTHER/certify.tsv] [--wandb.mode offline|online|disabled]
+        [--certify.compare OTHER/certify.tsv] [--certify.channels_last true] [--wandb.mode offline|online|disabled]
 
 Data and model settings come from the checkpoint (:mod:`lightning_idrs.checkpoint`); ``--config``
 (e.g. a fit config) may override the data (its ``data:`` section) and set defaults for the
@@ -52,6 +52,8 @@ class CertifyOptions(ReportOptions, CertifySettings):
         num_nodes: nodes (with torchrun or SLURM, which start the processes).
         strategy: Fabric's strategy; default ddp when there is more than one process.
         precision: 32-true, or bf16-mixed / 16-mixed to autocast the base model (counts and bounds stay exact).
+        channels_last: store a convolutional model's weights channels-last (NHWC): its forward passes run
+            1.3-2.5x faster on CPU; the logits move by float rounding only. false: the layout it was trained in.
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
@@ -65,6 +67,7 @@ class CertifyOptions(ReportOptions, CertifySettings):
     num_nodes: PositiveInt = 1
     strategy: Optional[str] = None
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    channels_last: bool = True
     device: Optional[Literal["auto", "cpu", "cuda"]] = None
 
     def __post_init__(self):
@@ -296,10 +299,16 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
     """(loaded checkpoint, data set, selected indices, settings): everything that determines the rows."""
     from lightning_idrs.checkpoint import load_checkpoint
     from lightning_idrs.reporting import radius_grid
+    from lightning_idrs.smoothing import use_channels_last
 
     overrides = {} if cfg.data.root is None else {"root": cfg.data.root}
     loaded = load_checkpoint(cfg.ckpt_path, device, data=config.get("data"), overrides=overrides)
     model, datamodule = loaded.model, loaded.datamodule
+    if opts.channels_last:
+        try:
+            use_channels_last(model.model, datamodule.input_shape, device)
+        except ValueError as error:
+            raise UsageError(f"{error}; use --certify.channels_last false") from None
     try:
         r = float(model.sigma.semi_elasticity)  # r * Lip(phi), the r of the radius
     except ValueError as error:  # e.g. an approximate kNN index or an embedding without a Lipschitz bound
@@ -310,7 +319,7 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
         "sigma": model.hparams.sigma, "semi_elasticity": r, "skip": opts.skip, "noise": NOISE_SCHEME,
-        "precision": opts.precision,
+        "precision": opts.precision, **({"memory_format": "channels_last"} if opts.channels_last else {}),
         **asdict(CertifySettings(opts.n0, opts.n, opts.alpha, opts.batch_size, opts.seed, opts.points_per_chunk,
                                  opts.sequential)),
     }
