@@ -304,7 +304,8 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
     overrides = {} if cfg.data.root is None else {"root": cfg.data.root}
     loaded = load_checkpoint(cfg.ckpt_path, device, data=config.get("data"), overrides=overrides)
     model, datamodule = loaded.model, loaded.datamodule
-    if opts.channels_last:
+    converted = opts.channels_last and any(p.dim() == 4 for p in model.model.parameters())  # it moves the logits
+    if converted:
         try:
             use_channels_last(model.model, datamodule.input_shape, device)
         except ValueError as error:
@@ -319,7 +320,7 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
         "sigma": model.hparams.sigma, "semi_elasticity": r, "skip": opts.skip, "noise": NOISE_SCHEME,
-        "precision": opts.precision, **({"memory_format": "channels_last"} if opts.channels_last else {}),
+        "precision": opts.precision, **({"memory_format": "channels_last"} if converted else {}),
         **asdict(CertifySettings(opts.n0, opts.n, opts.alpha, opts.batch_size, opts.seed, opts.points_per_chunk,
                                  opts.sequential)),
     }
