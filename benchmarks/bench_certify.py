@@ -38,14 +38,16 @@ def timed(function, repeats=1):
 
 
 def timed_together(functions, repeats=5):
-    """Best wall time of each function over ``repeats`` rounds that run them in turn: load that comes and
-    goes on a shared machine then hits all of them alike, not whichever ran during it."""
+    """Best wall time of each function over ``repeats`` rounds that run them in turn, in alternating order:
+    load that comes and goes on a shared machine, and running first or last in a round, then hit all of
+    them alike."""
     for function in functions:  # warm-up
         function()
     best = [math.inf] * len(functions)
-    for _ in range(repeats):
-        for i, function in enumerate(functions):
-            best[i] = min(best[i], timed(function)[0])
+    for round_ in range(repeats):
+        order = range(len(functions)) if round_ % 2 == 0 else reversed(range(len(functions)))
+        for i in order:
+            best[i] = min(best[i], timed(functions[i])[0])
     return best
 
 

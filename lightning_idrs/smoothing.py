@@ -48,10 +48,10 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Ge
 def use_channels_last(model: nn.Module, input_shape, device) -> nn.Module:
     """Store ``model``'s 4-D weights channels-last (NHWC), in place, and return it.
 
-    Convolutions then pick oneDNN's NHWC kernels: measured 1.3x (ResNet-20) to 2.5x (digits CNN)
-    faster on CPU (benchmarks/README.md). Inputs and noise keep the default layout, so the noise
-    stream is unchanged; the logits move by float rounding only (~1e-6). A model without 4-D weights
-    is left as it is. Raises ValueError, with the weights restored, if the model cannot run that way
+    Convolutions then pick oneDNN's NHWC kernels: measured 1.8-2.9x faster on CPU for the digits CNN,
+    1.1-1.5x for ResNets at 400-1,000 samples per batch (benchmarks/README.md). Inputs and noise keep
+    the default layout, so the noise stream is unchanged; the logits move by float rounding only
+    (~1e-6). A model without 4-D weights is left as it is. Raises ValueError, with the weights restored, if the model cannot run that way
     (e.g. it calls ``.view`` on a feature map).
     """
     if not any(p.dim() == 4 for p in model.parameters()):

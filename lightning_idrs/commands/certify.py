@@ -52,8 +52,8 @@ class CertifyOptions(ReportOptions, CertifySettings):
         num_nodes: nodes (with torchrun or SLURM, which start the processes).
         strategy: Fabric's strategy; default ddp when there is more than one process.
         precision: 32-true, or bf16-mixed / 16-mixed to autocast the base model (counts and bounds stay exact).
-        channels_last: store a convolutional model's weights channels-last (NHWC): its forward passes run
-            1.3-2.5x faster on CPU; the logits move by float rounding only. false: the layout it was trained in.
+        channels_last: store a convolutional model's weights channels-last (NHWC): faster forward passes on
+            CPU (benchmarks/README.md); the logits move by float rounding only. false: the layout it was trained in.
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
