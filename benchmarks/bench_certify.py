@@ -91,7 +91,9 @@ def random_model(arch, shape, device, channels_last=True):
     """``arch`` with seeded random weights; channels-last as the certify command runs it (its default)."""
     torch.manual_seed(0)
     model = build_model(arch, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(device).eval()
-    return use_channels_last(model, shape, device) if channels_last else model
+    if channels_last:
+        use_channels_last(model, shape, device)
+    return model
 
 
 def compare_with_floor(name, arch, shape, points, n0, n, batch_size, device, sigma_value=0.25, bf16=False):
@@ -203,8 +205,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""), flush=True)
     quick = args.quick
-    # CIFAR ResNets run fastest per sample at about 100 samples per batch on this CPU (activations stay in
-    # cache: 235 us at batch 64-128 vs 515 us at 400, channels-last); GPUs want large batches
+    # CIFAR ResNets run fastest per sample at about 100 samples per batch on CPU (their activations stay in
+    # cache; bench_layout.py); GPUs want large batches
     cifar_batch = 100 if args.device == "cpu" else 1000
     n_cifar = args.n or (500 if quick else 5000)
     points_cifar = args.points or (4 if quick else 10)

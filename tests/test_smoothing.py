@@ -197,7 +197,7 @@ def test_channels_last_weights_change_the_layout_not_the_certificates():
     reference = build_model("small_cnn", (1, 8, 8), 10, (0.5,), (0.25,))
     reference.load_state_dict(model.state_dict())
     reference.eval()
-    assert use_channels_last(model, (1, 8, 8), "cpu") is model and not model.training
+    assert use_channels_last(model, (1, 8, 8), "cpu") is True and not model.training
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     assert not any(m.weight.is_contiguous() for m in convs if m.in_channels > 1)  # C = 1: both layouts
@@ -212,7 +212,8 @@ def test_channels_last_weights_change_the_layout_not_the_certificates():
 
     mlp = build_model("mlp", (1, 8, 8), 10, (0.5,), (0.25,))  # no 4-D weights: left as it is
     before = {k: v.stride() for k, v in mlp.state_dict().items()}
-    assert {k: v.stride() for k, v in use_channels_last(mlp, (1, 8, 8), "cpu").state_dict().items()} == before
+    assert use_channels_last(mlp, (1, 8, 8), "cpu") is False
+    assert {k: v.stride() for k, v in mlp.state_dict().items()} == before
 
 
 def test_a_model_that_cannot_run_channels_last_is_refused_and_restored():

@@ -304,12 +304,10 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
     overrides = {} if cfg.data.root is None else {"root": cfg.data.root}
     loaded = load_checkpoint(cfg.ckpt_path, device, data=config.get("data"), overrides=overrides)
     model, datamodule = loaded.model, loaded.datamodule
-    converted = opts.channels_last and any(p.dim() == 4 for p in model.model.parameters())  # it moves the logits
-    if converted:
-        try:
-            use_channels_last(model.model, datamodule.input_shape, device)
-        except ValueError as error:
-            raise UsageError(f"{error}; use --certify.channels_last false") from None
+    try:  # converted: the logits move by rounding, so the layout is recorded with the rows
+        converted = opts.channels_last and use_channels_last(model.model, datamodule.input_shape, device)
+    except ValueError as error:
+        raise UsageError(f"{error}; use --certify.channels_last false") from None
     try:
         r = float(model.sigma.semi_elasticity)  # r * Lip(phi), the r of the radius
     except ValueError as error:  # e.g. an approximate kNN index or an embedding without a Lipschitz bound
