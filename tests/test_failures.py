@@ -69,6 +69,8 @@ FIT_CASES = {
     "unknown option": (["--model.sigma.sigma_bse", "0.3"],
                        "--model.sigma.sigma_bse is not an option of lightning_idrs.sigma.KnnSigma"),
     "not a number": (["--trainer.max_epochs", "x"], "--trainer.max_epochs: expected int, got x"),
+    "not a switch": (["--trainer.enable_progress_bar", "maybe"],
+                     "--trainer.enable_progress_bar must be true or false, got maybe"),
     "batch size 0": (["--data.batch_size", "0"], "--data.batch_size must be an integer >= 1, got 0"),
     "sigma overflows": (["--model.sigma.semi_elasticity", "1e6"], "sigma(x) is 0.0 for training point 0"),
     "missing data root": (["--config", "mnist", "--data.root", "{root}/nowhere"],
@@ -367,6 +369,8 @@ def test_a_bad_fit_prints_exactly_one_line(tmp_path, flags, line):
     (["--wandb.mode", "maybe"], "--wandb.mode must be one of offline, online, disabled, got maybe"),
     (["--certify.n0", "2.5"], "--certify.n0 must be an integer >= 1, got 2.5"),
     (["--certify.radii_step", "0"], "--certify.radii_step must be a finite number > 0, got 0"),
+    (["--certify.channels_last", "maybe"], "--certify.channels_last must be true or false, got maybe"),
+    (["--certify.sequential", "3"], "--certify.sequential must be true or false, got 3"),
     (["--config", "missing.yaml"], "--config: no such file: missing.yaml"),
 ])
 def test_certify_bad_options(flags, message, checkpoint, tmp_path, capsys):

@@ -53,8 +53,11 @@ def describe_parse_error(error) -> str:
     if unknown:
         return f"--{key}.{unknown.group(2)} is not an option of {unknown.group(1)}"
     errors = [e.strip() for e in re.findall(r"- ([^;]+)", detail) if "NoneType" not in e] or [detail.split(";")[0]]
-    given = re.search(r"Given value: (.*)$", detail)
-    got = f", got {given.group(1)}" if given and "NestedArg" not in given.group(1) else ""
+    given = re.search(r"Got value: (.*)$|Given value: (.*)$", detail)
+    if errors[0].startswith("Expected a <class 'bool'>") and given:  # a switch, however it is typed
+        return f"--{key} must be true or false, got {given.group(1) or given.group(2)}"
+    value = given and (given.group(1) or given.group(2))
+    got = f", got {value}" if value and "NestedArg" not in value else ""
     return f"--{key}: {_TYPE.sub(lambda m: m.group(1), errors[0]).replace('Expected a ', 'expected ')}{got}"
 
 
