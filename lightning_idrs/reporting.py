@@ -8,7 +8,8 @@
 * :func:`write_summary`: ``summary.json``, written atomically as strict JSON;
 * :func:`keep_run_files_under`: W&B's and matplotlib's own files go under the run's folder;
 * :func:`log_to_wandb`: the scalars, a (radius, certified accuracy) ``wandb.Table`` with its line
-  plot, the sigma(x) histogram and the PNG, through Lightning's ``WandbLogger``.
+  plot, the sigma(x) histogram and the PNG, through Lightning's ``WandbLogger``; the certify command's
+  own run: :func:`log_run_to_wandb`; offline unless online works now: :func:`wandb_offline`.
 
 Change what is logged here and both paths change with it.
 """
@@ -16,6 +17,7 @@ Change what is logged here and both paths change with it.
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ import numpy as np
 from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, check
 
-__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "log_to_wandb", "plot_curves", "radius_grid",
-           "read_summary", "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "wandb_online_problem",
-           "write_json_atomic", "write_summary"]
+__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "log_run_to_wandb", "log_to_wandb", "plot_curves",
+           "radius_grid", "read_summary", "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "wandb_offline",
+           "wandb_online_problem", "write_json_atomic", "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -240,6 +242,35 @@ def keep_run_files_under(root, wandb: bool = True) -> Path:
         if current is None or current == _SET_BY_US.get(variable):
             os.environ[variable] = _SET_BY_US[variable] = str(path.resolve())
     return root
+
+
+def wandb_offline(offline: bool) -> bool:
+    """Whether a W&B run must log offline: when asked to, or when online is not possible now (then one
+    warning on stderr, and offline: the results must not wait on, or be lost to, the network)."""
+    problem = None if offline else wandb_online_problem()
+    if problem is not None:
+        print(f"warning: W&B cannot log online: {problem}; logging offline instead (`wandb sync` uploads the "
+              "run later)", file=sys.stderr, flush=True)
+    return offline or problem is not None
+
+
+def log_run_to_wandb(out, summary: Mapping, png, sigmas, project: str, offline: bool) -> None:
+    """A W&B run of its own (job type certify) in ``out``: the summary's scalars as config and summary, and
+    :func:`log_to_wandb`'s table, curve, histogram and PNG, through Lightning's ``WandbLogger``."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    import wandb
+
+    keep_run_files_under(out)
+    config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    logger = WandbLogger(save_dir=str(out), project=project, offline=offline, job_type="certify", config=config,
+                         reinit="create_new", settings=wandb.Settings(silent=True, init_timeout=30))
+    try:
+        logger.log_metrics(scalars(summary))
+        log_to_wandb(logger, summary, png, summary["sigma_label"], sigmas=sigmas)
+        logger.experiment.summary.update(scalars(summary))
+    finally:
+        logger.experiment.finish()
 
 
 def wandb_online_problem(timeout: float = 10.0) -> Optional[str]:

@@ -331,6 +331,63 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
     assert not out.exists()
 
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def slurm_env(rank, tasks=2, per_node=2, port="29500"):
+    """What srun gives task ``rank`` of a one-node job (MASTER_ADDR spares resolving a node list)."""
+    return {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "certify", "SLURM_JOB_ID": "4242",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+def test_processes_started_by_torchrun_or_slurm_give_the_rows_of_one(reference, checkpoint, tmp_path):
+    args = certify_args(checkpoint, tmp_path / "torchrun", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", free_port(), "-m", "lightning_idrs", "certify", *args],
+                              env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    args = certify_args(checkpoint, tmp_path / "slurm", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
+    port = free_port()
+    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args],
+                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    assert [code for _, _, code in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    for out in ("torchrun", "slurm"):
+        assert same_rows(tmp_path / out, reference)
+        assert read_summary(tmp_path / out / SUMMARY_NAME)["processes"] == 2
+
+
+TORCHRUN_2 = {"TORCHELASTIC_RUN_ID": "none", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2",
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env, flags, message", [
+    (TORCHRUN_2, [], "torchrun started 2 processes but --certify.devices x --certify.num_nodes = 1 x 1 = 1; make "
+                     "them match"),
+    (slurm_env(0), ["--certify.devices", "3"], "SLURM started 2 processes but --certify.devices x "
+                                               "--certify.num_nodes = 3 x 1 = 3"),
+    (slurm_env(0, per_node=1), TWO_RANKS, "cannot start 2 process(es) x 1 node(s) here: You set `devices=2` in "
+                                          "Lightning, but the number of tasks per node configured in SLURM"),
+])
+def test_options_that_do_not_match_the_launcher_are_refused(env, flags, message, checkpoint, tmp_path, capsys,
+                                                            monkeypatch):
+    """Otherwise each process started by torchrun / srun would run a certify job of its own."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    assert main(certify_args(checkpoint, out, *flags)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: " + message), err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------ sequential
 def test_sequential_certification_from_the_command_line(checkpoint, tmp_path, capsys):
     out = tmp_path / "seq"

@@ -153,6 +153,19 @@ def parse_args(argv):
     return cfg, config
 
 
+def _started_processes():
+    """(launcher, number of processes) when torchrun or SLURM started this one as part of a job, else (None, 1)."""
+    import os
+
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return "torchrun", int(os.environ["WORLD_SIZE"])
+    if SLURMEnvironment.detect():
+        return "SLURM", int(os.environ["SLURM_NTASKS"])
+    return None, 1
+
+
 def launch(opts: CertifyOptions):
     """A Lightning Fabric for ``opts``, launched: with several devices it starts the other processes
     (torchrun and SLURM start them instead); every process then runs the rest of the command."""
@@ -166,6 +179,10 @@ def launch(opts: CertifyOptions):
         raise UsageError(f"--certify.{'device cuda' if opts.device else 'accelerator gpu'}: no CUDA GPU is "
                          "available (use cpu or auto)")
     processes = opts.devices * opts.num_nodes
+    launcher, started = _started_processes()
+    if launcher and started != processes:  # else every process would run a job of its own
+        raise UsageError(f"{launcher} started {started} processes but --certify.devices x --certify.num_nodes = "
+                         f"{opts.devices} x {opts.num_nodes} = {processes}; make them match")
     strategy = opts.strategy or ("ddp" if processes > 1 else "auto")
     try:
         fabric = Fabric(accelerator=accelerator, devices=opts.devices, num_nodes=opts.num_nodes, strategy=strategy,
@@ -175,7 +192,11 @@ def launch(opts: CertifyOptions):
                          f"{strategy!r} and precision {opts.precision}: {one_line(error)}") from None
     if fabric.device.type == "cpu" and opts.devices > 1:  # processes share the cores instead of fighting for them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.devices))
-    fabric.launch()
+    try:  # the launcher checks the options against torchrun's / SLURM's processes, then joins them
+        fabric.launch()
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"cannot start {opts.devices} process(es) x {opts.num_nodes} node(s) here: {one_line(error)} "
+                         "(--certify.devices / --certify.num_nodes must match what torchrun or SLURM started)") from None
     return fabric
 
 
@@ -243,41 +264,10 @@ def open_log(fabric, out: Path, settings: dict, selected, opts: CertifyOptions):
     return log, status[1]
 
 
-def _wandb_offline(mode: str) -> bool:
-    """Offline unless online was asked for and is possible now (else one warning, and offline)."""
-    from lightning_idrs.reporting import wandb_online_problem
-
-    problem = wandb_online_problem() if mode == "online" else None
-    if problem is not None:
-        print(f"warning: W&B cannot log online: {problem}; logging offline instead (`wandb sync` uploads the "
-              "run later)", file=sys.stderr, flush=True)
-    return mode != "online" or problem is not None
-
-
-def _log_wandb(out: Path, summary: dict, png: Path, sigmas, wandb_opts: WandbOptions) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    from lightning_idrs.reporting import keep_run_files_under, log_to_wandb, scalars
-
-    import wandb
-
-    keep_run_files_under(out)
-    config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    logger = WandbLogger(save_dir=str(out), project=wandb_opts.project, offline=_wandb_offline(wandb_opts.mode),
-                         job_type="certify", config=config, reinit="create_new",
-                         settings=wandb.Settings(silent=True, init_timeout=30))
-    try:
-        logger.log_metrics(scalars(summary))
-        log_to_wandb(logger, summary, png, summary["sigma_label"], sigmas=sigmas)
-        logger.experiment.summary.update(scalars(summary))
-    finally:
-        logger.experiment.finish()
-
-
 def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: WandbOptions) -> Path:
     """summary.json, the PNG (with the compare curve) and W&B; returns the PNG's path."""
     from lightning_idrs.reporting import (PLOT_NAME, SUMMARY_NAME, curve, curve_from_tsv_columns, keep_run_files_under,
-                                          plot_curves, write_summary)
+                                          log_run_to_wandb, plot_curves, wandb_offline, write_summary)
 
     keep_run_files_under(out, wandb=False)
     write_summary(out / SUMMARY_NAME, summary)
@@ -289,7 +279,8 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
     png = plot_curves(curves, out / PLOT_NAME, title=title)
     if wandb_opts.mode != "disabled":
         try:
-            _log_wandb(out, summary, png, columns["sigma"], wandb_opts)
+            log_run_to_wandb(out, summary, png, columns["sigma"], wandb_opts.project,
+                             offline=wandb_offline(wandb_opts.mode == "offline"))
         except Exception as error:  # the results are on disk; a logging failure must not hide them
             print(f"warning: W&B logging failed: {one_line(error)[:300]}", file=sys.stderr)
     return png
@@ -329,11 +320,7 @@ def prepare(cfg, config: dict, opts: CertifyOptions, device):
 
 def run(cfg, config: dict) -> int:
     """Launch, load, certify the unfinished points, write summary/plot, log to W&B. Returns the exit code."""
-    from contextlib import nullcontext
-
-    from lightning_idrs.reporting import SUMMARY_NAME, radius_grid
-    from lightning_idrs.smoothing import SmoothedClassifier
-    from lightning_idrs.tsv_log import TSV_NAME
+    import torch.distributed
 
     opts, wandb_opts = CertifyOptions(**vars(cfg.certify)), WandbOptions(**vars(cfg.wandb))
     if opts.sequential and opts.radii is None and opts.radii_max is None:
@@ -341,6 +328,21 @@ def run(cfg, config: dict) -> int:
                          "0.25,0.5,0.75,1.0 (or --certify.radii_max with --certify.radii_step)")
     compare = _compare_columns(opts.compare)
     fabric = launch(opts)
+    try:
+        return certify_and_report(fabric, cfg, config, opts, wandb_opts, compare)
+    finally:  # leave the process group before exiting: a live gloo group can abort the interpreter at exit
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def certify_and_report(fabric, cfg, config: dict, opts: CertifyOptions, wandb_opts: WandbOptions, compare) -> int:
+    """Every process: load and certify its share; rank 0 then writes the summary, the plot and the W&B run."""
+    from contextlib import nullcontext
+
+    from lightning_idrs.reporting import SUMMARY_NAME, radius_grid
+    from lightning_idrs.smoothing import SmoothedClassifier
+    from lightning_idrs.tsv_log import TSV_NAME
+
     loaded, dataset, selected, settings = prepare(cfg, config, opts, fabric.device)
     model, rank0 = loaded.model, fabric.global_rank == 0
     out = Path(opts.out or Path("certify") / f"{Path(cfg.ckpt_path).stem}_{opts.split}_n{opts.n}")

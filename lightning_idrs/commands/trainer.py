@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LightningCLI
 from lightning_idrs.checkpoint import datamodule_config, load_model, read_checkpoint
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
-from lightning_idrs.reporting import keep_run_files_under, wandb_online_problem
+from lightning_idrs.reporting import keep_run_files_under, wandb_offline
 from lightning_idrs.validation import UsageError, one_line
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -125,12 +125,7 @@ class IDRSCLI(LightningCLI):
     @staticmethod
     def _prepare_wandb(init_args) -> None:
         keep_run_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
-        if not init_args.get("offline"):
-            problem = wandb_online_problem()
-            if problem is not None:
-                print(f"warning: W&B cannot log online: {problem}; logging offline instead "
-                      "(`wandb sync` uploads the run later)", file=sys.stderr, flush=True)
-                init_args["offline"] = True
+        init_args["offline"] = wandb_offline(bool(init_args.get("offline")))
 
     def instantiate_classes(self) -> None:
         try:
