@@ -192,11 +192,12 @@ def launch(opts: CertifyOptions):
                          f"{strategy!r} and precision {opts.precision}: {one_line(error)}") from None
     if fabric.device.type == "cpu" and opts.devices > 1:  # processes share the cores instead of fighting for them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // opts.devices))
-    try:  # the launcher checks the options against torchrun's / SLURM's processes, then joins them
+    try:  # checks the options against torchrun's / SLURM's processes, then starts or joins them
         fabric.launch()
-    except (ValueError, RuntimeError) as error:
-        raise UsageError(f"cannot start {opts.devices} process(es) x {opts.num_nodes} node(s) here: {one_line(error)} "
-                         "(--certify.devices / --certify.num_nodes must match what torchrun or SLURM started)") from None
+    except (ValueError, RuntimeError) as error:  # e.g. tasks per node, or a taken MASTER_PORT
+        raise UsageError(f"cannot start {opts.devices} process(es) x {opts.num_nodes} node(s) here: {one_line(error)}"
+                         + (f" (--certify.devices must match the tasks per node {launcher} started)" if launcher
+                            else "")) from None
     return fabric
 
 
