@@ -6,13 +6,13 @@ from typing import Optional
 import numpy as np
 import torch
 from pytorch_lightning import Callback
-from pytorch_lightning.loggers import WandbLogger
 
-from lightning_idrs.reporting import ReportOptions, curve, log_to_wandb, plot_curves, radius_grid, scalars
+from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_grid, scalars
 from lightning_idrs.sharding import ROW_FIELDS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
 from lightning_idrs.statistics import summarize
 from lightning_idrs.validation import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
+from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
 
 
 def stratified_subset(labels: torch.Tensor, num_points: int, seed: int) -> torch.Tensor:
@@ -38,9 +38,11 @@ class CertificationCallback(Callback):
     as the ``certify`` command (:func:`lightning_idrs.smoothing.certify_sharded`), with the same noise
     every epoch, so a change between epochs is the model's, not the noise's. Under DDP the chunks are
     shared out over the ranks and the rows gathered after each round, as in the command. What is
-    logged is ``lightning_idrs.reporting``'s, as for the command: the ``certify/...`` scalars to
-    every logger, a PNG of the curve in the run directory, and with a WandbLogger the table, line
-    plot, sigma(x) histogram and PNG.
+    logged is the command's, under monitoring keys ``monitor/...`` (a validation subset at small n,
+    never mixed with ``certify``'s reported ``certify/...``): the scalars to every logger (and to
+    ``trainer.callback_metrics``, e.g. for ModelCheckpoint), a PNG of the curve in the run directory,
+    and with a W&B logger, at one step, the growing curve table (one line per epoch), the class-wise
+    table, the sigma(x) histogram and the PNG (:func:`lightning_idrs.wandb_logging.log_to_loggers`).
 
     Args:
         every_n_epochs: certify after every n-th validation epoch (and after the last epoch).
@@ -75,6 +77,7 @@ class CertificationCallback(Callback):
         self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
         self._indices: Optional[torch.Tensor] = None
         self._num_classes: Optional[int] = None
+        self._history: dict = {}  # the W&B curve table's rows so far
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         datamodule = trainer.datamodule
@@ -93,7 +96,7 @@ class CertificationCallback(Callback):
         if trainer.sanity_checking or self._indices is None or not self._due(trainer):
             return
         summary, sigmas = self._certify(trainer, pl_module)
-        pl_module.log_dict(scalars(summary), sync_dist=False)
+        pl_module.log_dict(scalars(summary, MONITOR), sync_dist=False, logger=False)  # loggers: at one step below
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "certify"  # collective under DDP
         if trainer.is_global_zero:
             self._report(trainer, summary, sigmas, folder)
@@ -116,6 +119,6 @@ class CertificationCallback(Callback):
         title = f"certified accuracy, epoch {epoch} ({summary['num_points']} val points)"
         png = plot_curves({f"epoch {epoch}": curve(summary)}, folder / f"certified_accuracy_epoch{epoch:03d}.png",
                           title=title)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                log_to_wandb(logger, summary, png, title, sigmas=sigmas, step=trainer.global_step)
+        log_to_loggers(trainer, summary, prefix=MONITOR, split="val", n=self.settings.n, history=self._history,
+                       title=f"certified accuracy by epoch ({summary['num_points']} val points, n={self.settings.n})",
+                       sigmas=sigmas, png=png)

@@ -3,21 +3,18 @@
 * :class:`ReportOptions` and :func:`radius_grid`: the radius grid of the curve, the table and the
   ``certify/acc@R`` scalars (an explicit list, or 0, step, 2 step, ... up to a maximum, by default
   just past the largest radius found);
-* :func:`scalars`: the scalar keys logged to every logger (``certify/acc@R``, ``certify/acr``, ...);
+* :func:`scalars`: the scalar keys logged to every logger (``PREFIX/acc@R``, ``PREFIX/acr``, the
+  class-wise fairness ``PREFIX/worst_class_acc@R`` and ``PREFIX/class_gap@R``, ...);
 * :func:`plot_curves`: certified accuracy vs radius as a PNG (matplotlib's Agg canvas, no display);
 * :func:`write_summary`: ``summary.json``, written atomically as strict JSON;
-* :func:`keep_run_files_under`: W&B's and matplotlib's own files go under the run's folder;
-* :func:`log_to_wandb`: the scalars, a (radius, certified accuracy) ``wandb.Table`` with its line
-  plot, the sigma(x) histogram and the PNG, through Lightning's ``WandbLogger``; the certify command's
-  own run: :func:`log_run_to_wandb`; offline unless online works now: :func:`wandb_offline`.
+* :func:`keep_run_files_under`: W&B's and matplotlib's own files go under the run's folder.
 
-Change what is logged here and both paths change with it.
+What goes to W&B (tables, charts, runs) is :mod:`lightning_idrs.wandb_logging`'s, built on these.
 """
 
 import json
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +25,8 @@ import numpy as np
 from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, check
 
-__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "log_run_to_wandb", "log_to_wandb", "plot_curves",
-           "radius_grid", "read_summary", "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "wandb_offline",
-           "wandb_online_problem", "write_json_atomic", "write_summary"]
+__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "plot_curves", "radius_grid", "read_summary",
+           "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic", "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -83,17 +79,23 @@ def curve(summary: Mapping) -> tuple[np.ndarray, np.ndarray]:
     return radii, np.asarray([summary["certified_accuracy"][radius_key(r)] for r in radii])
 
 
-def scalars(summary: Mapping) -> dict:
-    """The scalars of a summary under the keys every logger receives."""
-    out = {f"certify/acc@{key}": acc for key, acc in summary["certified_accuracy"].items()}
+def scalars(summary: Mapping, prefix: str = "certify") -> dict:
+    """The scalars of a summary under ``prefix/``: certified accuracy on the grid, ACR, accuracy of the smoothed
+    classifier, abstain rate, mean sigma, points and samples, and per grid radius the worst class's certified
+    accuracy and the best-worst class gap (no per-class keys: the class-wise results are a table)."""
+    out = {f"{prefix}/acc@{key}": acc for key, acc in summary["certified_accuracy"].items()}
     for key in ("acr", "abstain_rate", "clean_accuracy", "mean_sigma"):
-        out[f"certify/{key}"] = float(summary[key])
-    out["certify/num_points"] = float(summary["num_points"])
+        out[f"{prefix}/{key}"] = float(summary[key])
+    out[f"{prefix}/num_points"] = float(summary["num_points"])
     for key in ("total_samples", "mean_samples"):  # estimation samples drawn (fewer when sequential)
         if key in summary:
-            out[f"certify/{key}"] = float(summary[key])
-    for label, class_curve in summary["class_certified_accuracy"].items():
-        out.update({f"certify/class_{label}/acc@{key}": acc for key, acc in class_curve.items()})
+            out[f"{prefix}/{key}"] = float(summary[key])
+    by_class = list(summary["class_certified_accuracy"].values())
+    for key in summary["certified_accuracy"]:
+        accuracy = [class_curve[key] for class_curve in by_class if key in class_curve]
+        if accuracy:
+            out[f"{prefix}/worst_class_acc@{key}"] = float(min(accuracy))
+            out[f"{prefix}/class_gap@{key}"] = float(max(accuracy) - min(accuracy))
     return out
 
 
@@ -134,20 +136,6 @@ def plot_curves(curves: Mapping[str, Curve], path, title: Optional[str] = None, 
     fig.tight_layout()
     fig.savefig(str(path), format="png")
     return path
-
-
-def log_to_wandb(logger, summary: Mapping, png, title: str, sigmas=None, step: Optional[int] = None) -> None:
-    """The curve as a W&B table + line plot, the sigma(x) histogram and the PNG, via a ``WandbLogger``."""
-    import wandb
-
-    radii, accuracy = curve(summary)
-    table = wandb.Table(columns=["radius", "certified_accuracy"], data=np.c_[radii, accuracy].tolist())
-    media = {"certify/table": table,
-             "certify/curve": wandb.plot.line(table, "radius", "certified_accuracy", title=title)}
-    if sigmas is not None:
-        media["certify/sigma"] = wandb.Histogram(np.asarray(sigmas, dtype=np.float64))
-    logger.log_metrics(media, step=step)
-    logger.log_image("certify/plot", [str(png)], step=step)
 
 
 # ------------------------------------------------------------------------------ summary.json
@@ -242,72 +230,3 @@ def keep_run_files_under(root, wandb: bool = True) -> Path:
         if current is None or current == _SET_BY_US.get(variable):
             os.environ[variable] = _SET_BY_US[variable] = str(path.resolve())
     return root
-
-
-def wandb_offline(offline: bool) -> bool:
-    """Whether a W&B run must log offline: when asked to, or when online is not possible now (then one
-    warning on stderr, and offline: the results must not wait on, or be lost to, the network)."""
-    problem = None if offline else wandb_online_problem()
-    if problem is not None:
-        print(f"warning: W&B cannot log online: {problem}; logging offline instead (`wandb sync` uploads the "
-              "run later)", file=sys.stderr, flush=True)
-    return offline or problem is not None
-
-
-def log_run_to_wandb(out, summary: Mapping, png, sigmas, project: str, offline: bool) -> None:
-    """A W&B run of its own (job type certify) in ``out``: the summary's scalars as config and summary, and
-    :func:`log_to_wandb`'s table, curve, histogram and PNG, through Lightning's ``WandbLogger``."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    import wandb
-
-    keep_run_files_under(out)
-    config = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    logger = WandbLogger(save_dir=str(out), project=project, offline=offline, job_type="certify", config=config,
-                         reinit="create_new", settings=wandb.Settings(silent=True, init_timeout=30))
-    try:
-        logger.log_metrics(scalars(summary))
-        log_to_wandb(logger, summary, png, summary["sigma_label"], sigmas=sigmas)
-        logger.experiment.summary.update(scalars(summary))
-    finally:
-        logger.experiment.finish()
-
-
-def wandb_online_problem(timeout: float = 10.0) -> Optional[str]:
-    """Why W&B cannot log online now (no API key, server unreachable, key refused), or None.
-
-    Takes at most about 2 * ``timeout`` seconds: a TCP connect, then one authenticated request.
-    """
-    import base64
-    import netrc
-    import socket
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
-    url = urllib.parse.urlparse(base)
-    key = os.environ.get("WANDB_API_KEY")
-    if not key:
-        try:
-            entry = netrc.netrc().authenticators(url.hostname or "")
-        except (OSError, netrc.NetrcParseError):
-            entry = None
-        key = entry[2] if entry else None
-    if not key:
-        return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError as error:
-        return f"cannot reach {url.hostname}:{port} ({error})"
-    request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "query { viewer { id } }"}',
-                                     headers={"Content-Type": "application/json", "Authorization": "Basic "
-                                              + base64.b64encode(f"api:{key}".encode()).decode()})
-    try:
-        urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError as error:
-        return f"the W&B server refused the API key (HTTP {error.code})" if error.code in (401, 403) else None
-    except OSError as error:
-        return f"no answer from {base} ({error})"
-    return None

@@ -327,7 +327,7 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
     import http.server
     import threading
 
-    from lightning_idrs.reporting import wandb_online_problem
+    from lightning_idrs.wandb_logging import wandb_online_problem
 
     class Refuse(http.server.BaseHTTPRequestHandler):
         def do_POST(self):

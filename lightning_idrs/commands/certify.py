@@ -82,10 +82,20 @@ class WandbOptions:
     Args:
         mode: offline (default, no account needed), online or disabled.
         project: W&B project name.
+        entity: W&B entity (user or team; default: yours).
+        name: run name (default: W&B's).
+        group: run group (default: the group of the fit run that wrote the checkpoint).
+        tags: run tags (default: the data set and the kind of sigma, RS, IDRS or your class).
+        notes: run notes.
     """
 
     mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "lightning-idrs"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: Optional[list[str]] = None
+    notes: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------ options
@@ -265,10 +275,11 @@ def open_log(fabric, out: Path, settings: dict, selected, opts: CertifyOptions):
     return log, status[1]
 
 
-def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: WandbOptions) -> Path:
+def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: WandbOptions, settings: dict,
+            checkpoint: dict) -> Path:
     """summary.json, the PNG (with the compare curve) and W&B; returns the PNG's path."""
     from lightning_idrs.reporting import (PLOT_NAME, SUMMARY_NAME, curve, curve_from_tsv_columns, keep_run_files_under,
-                                          log_run_to_wandb, plot_curves, wandb_offline, write_summary)
+                                          plot_curves, write_summary)
 
     keep_run_files_under(out, wandb=False)
     write_summary(out / SUMMARY_NAME, summary)
@@ -280,8 +291,10 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
     png = plot_curves(curves, out / PLOT_NAME, title=title)
     if wandb_opts.mode != "disabled":
         try:
-            log_run_to_wandb(out, summary, png, columns["sigma"], wandb_opts.project,
-                             offline=wandb_offline(wandb_opts.mode == "offline"))
+            from lightning_idrs.wandb_logging import log_certify_run
+
+            log_certify_run(out, summary, columns, settings, settings["sigma"], checkpoint, asdict(wandb_opts),
+                            png=png, curves=curves)
         except Exception as error:  # the results are on disk; a logging failure must not hide them
             print(f"warning: W&B logging failed: {one_line(error)[:300]}", file=sys.stderr)
     return png
@@ -365,7 +378,9 @@ def certify_and_report(fabric, cfg, config: dict, opts: CertifyOptions, wandb_op
     summary = {**settings, "checkpoint": str(cfg.ckpt_path), "sigma_label": model.sigma.label, "max": opts.max,
                "device": fabric.device.type, "processes": fabric.world_size, "num_selected": int(len(selected)),
                **stats}
-    png = _report(out, summary, columns, grid, compare, wandb_opts)
+    checkpoint = {"path": str(cfg.ckpt_path), "sha256": loaded.sha256,
+                  "config": {"model": dict(model.hparams), "lightning_idrs": loaded.metadata}}
+    png = _report(out, summary, columns, grid, compare, wandb_opts, settings, checkpoint)
     shown = [k for k in summary["certified_accuracy"] if float(k) % 0.25 < 1e-9][:12]
     print(f"certified {new} new point(s) in {elapsed:.1f} s; {summary['num_points']} in {out / TSV_NAME}")
     print("certified accuracy: " + ", ".join(f"R={k}: {summary['certified_accuracy'][k]:.3f}" for k in shown))

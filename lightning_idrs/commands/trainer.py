@@ -13,6 +13,11 @@ Before a logger or W&B run exists, every run checks what it can: the output fold
 data is there (or downloads), the model fits the data, and (fit) sigma(x) is finite on every training
 point. Any problem is one ``error:`` line and exit code 2. W&B keeps its own files under the run's
 folder and falls back to offline logging (with one warning) when online logging is not possible.
+
+``validate`` and ``test`` write into ``ROOT/validate`` and ``ROOT/test`` (their own config.yaml, W&B
+run, ...), so they never change the files of the fit run in ROOT. W&B runs (:mod:`lightning_idrs.
+wandb_logging`) get the full resolved config, job type, tags (data set, RS/IDRS), a group shared with
+the checkpoint's certify runs, and (fit) the checkpoints as a model artifact.
 """
 from __future__ import annotations
 
@@ -30,8 +35,9 @@ from pytorch_lightning.cli import LightningCLI
 from lightning_idrs.checkpoint import datamodule_config, load_model, read_checkpoint
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
-from lightning_idrs.reporting import keep_run_files_under, wandb_offline
+from lightning_idrs.reporting import keep_run_files_under
 from lightning_idrs.validation import UsageError, one_line
+from lightning_idrs.wandb_logging import WandbConfigCallback, prepare_logger, wandb_offline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "digits.yaml"
@@ -97,8 +103,9 @@ def writable_folder(path, option: str) -> Path:
 class IDRSCLI(LightningCLI):
     """LightningCLI that feeds data properties to the model and keeps all output in one folder."""
 
-    def __init__(self, *args, checkpoint_model=None, startup_messages=None, **kwargs):
+    def __init__(self, *args, checkpoint_model=None, checkpoint=None, startup_messages=None, **kwargs):
         self.checkpoint_model = checkpoint_model  # validate/test: the model of --ckpt_path
+        self.checkpoint = checkpoint or {}  # ... and its checkpoint dict (W&B lineage)
         self.startup_messages = startup_messages  # released once the checks have passed
         super().__init__(*args, **kwargs)
 
@@ -112,6 +119,9 @@ class IDRSCLI(LightningCLI):
         if config.get("weights_only") is False:
             raise UsageError("--weights_only false is not supported: checkpoints are read with the safe unpickler")
         root = writable_folder(config.trainer.get("default_root_dir") or ".", "--trainer.default_root_dir")
+        if self.subcommand in EVALUATE:  # its own folder: the fit run's config.yaml and W&B run stay as they are
+            root = writable_folder(root / self.subcommand, "--trainer.default_root_dir")
+            config.trainer.default_root_dir = str(root)
         keep_run_files_under(root, wandb=False)  # e.g. the Callback's plots: matplotlib's cache
         for logger in _loggers(config.trainer):
             init_args = logger.get("init_args") if hasattr(logger, "get") else None
@@ -120,12 +130,20 @@ class IDRSCLI(LightningCLI):
             if init_args.get("save_dir") in (None, ".", "./"):
                 init_args["save_dir"] = str(root)
             if str(logger.get("class_path", "")).endswith("WandbLogger"):
-                self._prepare_wandb(init_args)
+                self._prepare_wandb(logger, config)
 
-    @staticmethod
-    def _prepare_wandb(init_args) -> None:
+    def _prepare_wandb(self, logger, config) -> None:
+        init_args = logger["init_args"]
         keep_run_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
         init_args["offline"] = wandb_offline(bool(init_args.get("offline")))
+        sigma = (self.checkpoint_model.hparams.sigma if self.checkpoint_model is not None
+                 else config.model.get("sigma"))
+        data_class = str(config.data.get("class_path", "") if config.get("data") else "")
+        dataset = data_class.rsplit(".", 1)[-1].lower().replace("datamodule", "") or None
+        logger["class_path"] = prepare_logger(
+            init_args, subcommand=self.subcommand, dataset=dataset,
+            sigma_class=sigma.get("class_path") if hasattr(sigma, "get") else None,
+            lineage=self.checkpoint.get("wandb"))
 
     def instantiate_classes(self) -> None:
         try:
@@ -201,7 +219,7 @@ def _resolve_configs(argv: list) -> list:
 def cli_main(args=None) -> IDRSCLI:
     """Run LightningCLI on ``args`` (``[subcommand, options...]``) and return it."""
     args = _resolve_configs(list(args) if args is not None else sys.argv[1:])
-    checkpoint_model = None
+    checkpoint_model, checkpoint = None, None
     if args and args[0] in EVALUATE:
         options = args[1:]
         ckpt_path = _pop_option(options, "--ckpt_path")
@@ -222,7 +240,9 @@ def cli_main(args=None) -> IDRSCLI:
             subclass_mode_data=True,
             args=args,
             checkpoint_model=checkpoint_model,
+            checkpoint=checkpoint,
             startup_messages=messages,
+            save_config_callback=WandbConfigCallback,
             parser_kwargs={"prog": "python -m lightning_idrs", "exit_on_error": False,
                            **{name: {**subcommand_defaults, "exit_on_error": False}
                               for name in ("fit", "validate", "test", "predict")}},
