@@ -174,21 +174,19 @@ def _class_rows(summary: Mapping, epoch: int) -> list:
 
 def log_certification(run, summary: Mapping, *, prefix: str, epoch: int, split: str, n: int, history: dict,
                       title: str, sigmas=None, png=None, extra: Optional[Mapping] = None) -> dict:
-    """One certification at one step: scalars, the curve table of every certification so far (``history``
-    keeps its rows) with a chart of one line per epoch, the class-wise table and chart, the sigma(x)
-    histogram and the PNG. Returns what was logged."""
+    """One certification at one step: scalars, the chart ``PREFIX/curve`` (one line per epoch) of the table
+    ``PREFIX/curve_table`` of every certification so far (``history`` keeps its rows), the class-wise chart
+    ``PREFIX/class`` of ``PREFIX/class_table``, the sigma(x) histogram and the PNG. Returns what was logged."""
     import wandb
 
     history.setdefault("curve", []).extend(_curve_rows(summary, epoch, split, n))
     history.setdefault("class", []).extend(_class_rows(summary, epoch))
     curves = wandb.Table(columns=CURVE_COLUMNS, data=history["curve"])
     classes = wandb.Table(columns=CLASS_COLUMNS, data=[row for row in history["class"] if row[0] == epoch])
-    logged = {**scalars(summary, prefix), "epoch": epoch, **(extra or {}),
-              f"{prefix}/curve_table": curves,
+    logged = {**scalars(summary, prefix), "epoch": epoch, **(extra or {}),  # a chart's table: KEY_table
               f"{prefix}/curve": wandb.plot.line(curves, "radius", "certified_accuracy", stroke="epoch", title=title),
-              f"{prefix}/class_table": classes,
-              f"{prefix}/class_curve": wandb.plot.line(classes, "radius", "certified_accuracy", stroke="class",
-                                                       title=f"{title}: by class")}
+              f"{prefix}/class": wandb.plot.line(classes, "radius", "certified_accuracy", stroke="class",
+                                                 title=f"{title}: by class")}
     if sigmas is not None:
         logged[f"{prefix}/sigma"] = wandb.Histogram(np.asarray(sigmas, dtype=np.float64))
     if png is not None:
