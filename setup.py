@@ -21,7 +21,8 @@ setup(
     package_data={"lightning_idrs": ["configs/*.yaml"]},
     install_requires=REQUIREMENTS,
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "wandb-workspaces>=0.4"],  # the dashboard's spec is tested offline
+        "wandb": ["wandb-workspaces>=0.4"],  # `python -m lightning_idrs dashboard`: W&B's package for workspaces
         # A CUDA 13 build of faiss, matching pip's torch 2.14 (CUDA 13.0); faiss-cpu stays the default.
         # Uninstall faiss-cpu first (both provide the faiss module).
         "gpu": ["faiss-cuda>=1.14"],

@@ -264,12 +264,12 @@ def _results_artifact(run, out: Path, summary: Mapping):
 
 
 def _points_table(rows: Mapping):
+    """The TSV's rows as a W&B Table, each column keeping its type (idx and label integers, radius float)."""
     import wandb
 
     columns = list(rows)
-    data = np.column_stack([np.asarray(rows[c]) for c in columns]).tolist() if columns else []
-    table = wandb.Table(columns=columns, data=[[v for v in row] for row in data])
-    return table
+    return wandb.Table(columns=columns, data=[list(row) for row in zip(*(np.asarray(rows[c]).tolist()
+                                                                           for c in columns))])
 
 
 def log_certify_run(out, summary: Mapping, rows: Mapping, settings: Mapping, sigma: Mapping, checkpoint: Mapping,
@@ -345,38 +345,33 @@ def wandb_offline(offline: bool) -> bool:
 def wandb_online_problem(timeout: float = 10.0) -> Optional[str]:
     """Why W&B cannot log online now (no API key, server unreachable, key refused), or None.
 
-    Takes at most about 2 * ``timeout`` seconds: a TCP connect, then one authenticated request.
+    The key is found and verified by wandb's own login code (``WANDB_API_KEY``, then ``.netrc``; the check
+    is W&B's, with its HTTP timeout ``WANDB_HTTP_TIMEOUT``, 10 s by default). A TCP connect within
+    ``timeout`` comes first: W&B's check cannot tell an unreachable server from a refused key, and waits
+    out its whole timeout for one that does not answer.
     """
-    import base64
-    import netrc
     import socket
-    import urllib.error
     import urllib.parse
-    import urllib.request
+
+    from wandb.errors import AuthenticationError
+    from wandb.sdk.lib.wbauth import HostUrl, read_netrc_auth, validation
 
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
-    url = urllib.parse.urlparse(base)
-    key = os.environ.get("WANDB_API_KEY")
-    if not key:
-        try:
-            entry = netrc.netrc().authenticators(url.hostname or "")
-        except (OSError, netrc.NetrcParseError):
-            entry = None
-        key = entry[2] if entry else None
+    try:
+        host = HostUrl(base)
+        key = os.environ.get("WANDB_API_KEY") or read_netrc_auth(host=host)
+    except (AuthenticationError, ValueError) as error:  # a malformed key or URL
+        return f"the W&B API key or server URL is not valid ({error})"
     if not key:
         return "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    problem = validation.check_api_key(key)
+    if problem:
+        return f"the W&B API key is not valid ({problem.rstrip('.')})"
+    url = urllib.parse.urlparse(base)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as error:
         return f"cannot reach {url.hostname}:{port} ({error})"
-    request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "query { viewer { id } }"}',
-                                     headers={"Content-Type": "application/json", "Authorization": "Basic "
-                                              + base64.b64encode(f"api:{key}".encode()).decode()})
-    try:
-        urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError as error:
-        return f"the W&B server refused the API key (HTTP {error.code})" if error.code in (401, 403) else None
-    except OSError as error:
-        return f"no answer from {base} ({error})"
-    return None
+    problem = validation.check_api_key_validity(host=host, api_key=key)
+    return None if problem is None else f"the W&B server refused the API key ({problem})"

@@ -323,7 +323,7 @@ def test_wandb_online_without_a_key_falls_back_to_offline_quickly(checkpoint, tm
     assert time.monotonic() - start < 60
 
 
-def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeypatch):
+def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeypatch, tmp_path):
     import http.server
     import threading
 
@@ -339,10 +339,19 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
     try:
-        monkeypatch.setenv("WANDB_API_KEY", "bad-key")
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
-        assert wandb_online_problem() == "the W&B server refused the API key (HTTP 401)"
+        assert wandb_online_problem() == "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+        monkeypatch.setenv("WANDB_API_KEY", "bad-key")  # refused before any request: W&B keys have 40+ characters
+        assert wandb_online_problem() == "the W&B API key is not valid (API key must have 40+ characters, has 7)"
+        monkeypatch.delenv("WANDB_API_KEY")  # a well-formed key from .netrc (wandb's own reader), refused: HTTP 401
+        netrc.write_text(f"machine 127.0.0.1:{server.server_port}\n  login user\n  password {'k' * 40}\n")
+        assert wandb_online_problem().startswith("the W&B server refused the API key (Failed to authenticate with "
+                                                 f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")

@@ -107,7 +107,7 @@ def test_ddp_two_cpu_processes_share_sigma_and_train(tmp_path):
     assert list(tmp_path.rglob("*.ckpt"))
     # the certification callback: each rank certified its shard, rank 0 logged all points once
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    logged = [float(r["certify/num_points"]) for r in rows if r.get("certify/num_points")]
+    logged = [float(r["monitor/num_points"]) for r in rows if r.get("monitor/num_points")]  # the Callback: monitor/
     assert logged == [100.0]
 
 

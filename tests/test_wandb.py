@@ -1,5 +1,7 @@
 """What a user finds in W&B, read as W&B reads it: the offline ``.wandb`` files of a short fit (two Callback
 certifications), of a certify run (and its rerun), and of ``test``, decoded with W&B's own protobufs."""
+import contextlib
+import io
 import json
 import struct
 import time
@@ -125,12 +127,16 @@ def _certify(checkpoint, out, *extra):
 
 @pytest.fixture(scope="module")
 def certified(trained):
+    """A certify run of 12 points, then a rerun into the same folder extending it to 15, with a compare curve."""
     root, checkpoint, _ = trained
+    out, said = root / "certify", io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_SILENT", "true")
-        assert _certify(checkpoint, root / "certify", "--certify.max", "12") == 0
-    (run,) = runs(root / "certify")
-    return root / "certify", run
+        assert _certify(checkpoint, out, "--certify.max", "12") == 0
+        (first,) = runs(out)
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            assert _certify(checkpoint, out, "--certify.max", "15", "--certify.compare", str(out / TSV_NAME)) == 0
+    return out, first, runs(out), said.getvalue()
 
 
 def test_fit_logs_the_whole_nested_config_and_keeps_results_out_of_it(trained):
@@ -192,7 +198,7 @@ def test_fit_logs_its_checkpoints_as_a_model_artifact_staged_offline(trained):
 
 def test_certify_run_config_summary_points_tags_and_lineage(trained, certified):
     _, checkpoint, fit = trained
-    out, run = certified
+    out, run, _, _ = certified
     assert run.run.job_type == "certify" and list(run.run.tags) == ["digits", "IDRS"]
     assert run.run.run_group == fit.run.run_group, "the certify run joins its checkpoint's fit run"
     assert run.config["sigma"]["class_path"] == "lightning_idrs.sigma.KnnSigma"
@@ -204,6 +210,8 @@ def test_certify_run_config_summary_points_tags_and_lineage(trained, certified):
     table = run.table(points, "certify/points")
     tsv = read_tsv(out / TSV_NAME)
     assert table["columns"] == list(tsv) and len(table["data"]) == 12
+    assert [row[0] for row in table["data"]] == tsv["idx"][:12].tolist()
+    assert all(isinstance(row[0], int) for row in table["data"]), "integer columns stay integers"
     used = [a for a in run.artifacts if a.type == "model"]
     assert len(used) == 1 and used[0].use_after_commit and used[0].name == f"model-{fit.run.run_id}"
     assert used[0].digest in {a.digest for a in fit.artifacts if a.type == "model"}, "matched by digest"
@@ -212,19 +220,17 @@ def test_certify_run_config_summary_points_tags_and_lineage(trained, certified):
                                                            "certified_accuracy.png"}
 
 
-def test_certify_rerun_continues_the_same_run_and_compare_logs_an_overlay(trained, certified, capfd):
-    _, checkpoint, _ = trained
-    out, first = certified
-    capfd.readouterr()
-    assert _certify(checkpoint, out, "--certify.max", "15", "--certify.compare", str(out / TSV_NAME)) == 0
-    captured = capfd.readouterr()
-    again = runs(out)
-    assert len(again) == 2 and {r.run.run_id for r in again} == {first.run.run_id}
-    assert again[-1].logged("certify/compare_table")
-    assert again[-1].config["_wandb"]["visualize"]["certify/compare"]["panel_config"]["fieldSettings"]["stroke"] == "run"
-    lines = [line for line in captured.out.splitlines() if line.startswith("W&B:")]
-    assert len(lines) == 1 and f"wandb sync {again[-1].folder}" in lines[0]
-    assert "anonymous" not in captured.out + captured.err
+def test_certify_rerun_continues_the_same_run_and_compare_logs_an_overlay(certified):
+    out, first, again, said = certified
+    assert len(again) == 2 and {r.run.run_id for r in again} == {first.run.run_id}, "one W&B run for one result"
+    rerun = again[-1]
+    (points,) = rerun.logged("certify/points")
+    assert len(rerun.table(points, "certify/points")["data"]) == 15
+    assert rerun.logged("certify/compare_table")
+    assert rerun.config["_wandb"]["visualize"]["certify/compare"]["panel_config"]["fieldSettings"]["stroke"] == "run"
+    lines = [line for line in said.splitlines() if line.startswith("W&B:")]
+    assert len(lines) == 1 and f"wandb sync {rerun.folder}" in lines[0]
+    assert "anonymous" not in said and "wandb:" not in said, "W&B's own messages stay quiet"
 
 
 def test_test_writes_its_own_folder_and_never_changes_the_fit_config(trained, capfd):
@@ -247,3 +253,41 @@ def test_test_writes_its_own_folder_and_never_changes_the_fit_config(trained, ca
                                               ("my_lab.sigmas.LearnedSigma", "LearnedSigma")])
 def test_the_kind_of_sigma_names_the_runs(class_path, kind):
     assert sigma_kind(class_path) == kind
+
+
+def test_dashboard_panels_refer_to_keys_our_runs_log(trained, certified, tmp_path):
+    from lightning_idrs.commands.dashboard import build_workspace
+
+    _, _, fit = trained
+    _, _, again, _ = certified
+    logged = [fit, *again]
+    history = {k.split("/path")[0] if k.endswith("/path") else k for r in logged for step in r.history for k in step}
+    summary = {k for r in logged for k in r.summary}
+    tables = {}
+    for r in logged:
+        for step in r.history:
+            for key in step:
+                if key.endswith("_table/path"):
+                    tables[key[:-len("/path")]] = r.table(step, key[:-len("/path")])["columns"]
+    workspace = build_workspace("lightning-idrs", radii=(0.2, 0.4))
+    panels = [panel for section in workspace.sections for panel in section.panels]
+    assert len(panels) >= 10
+    for panel in panels:
+        kind = type(panel).__name__
+        if kind == "CustomChart":
+            table = panel.query["summaryTable"]["tableKey"]
+            assert table in tables, table
+            assert set(panel.chart_fields.values()) <= set(tables[table]) | {"name"}, (table, panel.chart_fields)
+        elif kind == "LinePlot":
+            assert {panel.x, *panel.y} <= history, (panel.title, {panel.x, *panel.y} - history)
+        elif kind == "BarPlot":
+            assert set(panel.metrics) <= summary, set(panel.metrics) - summary
+            assert panel.groupby.name == "sigma.class_path" and again[0].config["sigma"]["class_path"]
+        elif kind == "MediaBrowser":
+            assert set(panel.media_keys) <= history
+        else:
+            pytest.fail(f"a panel of an unchecked kind: {kind}")
+    out = tmp_path / "dashboard.json"
+    assert main(["dashboard", "--project", "lightning-idrs", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    assert spec["project"] == "lightning-idrs" and "certify/curve_table" in out.read_text()

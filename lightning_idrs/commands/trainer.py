@@ -37,7 +37,7 @@ from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.reporting import keep_run_files_under
 from lightning_idrs.validation import UsageError, one_line
-from lightning_idrs.wandb_logging import WandbConfigCallback, prepare_logger, wandb_offline
+from lightning_idrs.wandb_logging import LINEAGE_KEY, WandbConfigCallback, prepare_logger, wandb_offline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "digits.yaml"
@@ -143,7 +143,7 @@ class IDRSCLI(LightningCLI):
         logger["class_path"] = prepare_logger(
             init_args, subcommand=self.subcommand, dataset=dataset,
             sigma_class=sigma.get("class_path") if hasattr(sigma, "get") else None,
-            lineage=self.checkpoint.get("wandb"))
+            lineage=self.checkpoint.get(LINEAGE_KEY))
 
     def instantiate_classes(self) -> None:
         try:
