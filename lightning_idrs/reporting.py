@@ -1,7 +1,7 @@
 """What a certification run reports, for the Callback and the ``certify`` command alike.
 
 * :class:`ReportOptions` and :func:`radius_grid`: the radius grid of the curve, the table and the
-  ``certify/acc@R`` scalars (an explicit list, or 0, step, 2 step, ... up to a maximum, by default
+  ``PREFIX/acc@R`` scalars (an explicit list, or 0, step, 2 step, ... up to a maximum, by default
   just past the largest radius found);
 * :func:`scalars`: the scalar keys logged to every logger (``PREFIX/acc@R``, ``PREFIX/acr``, the
   class-wise fairness ``PREFIX/worst_class_acc@R`` and ``PREFIX/class_gap@R``, ...);

@@ -104,9 +104,9 @@ class WandbConfigCallback(SaveConfigCallback):
         import yaml
 
         config = yaml.safe_load(self.parser.dump(self.config, skip_check=True))
+        self.resolved = {k: v for k, v in config.items() if k not in ("config", "ckpt_path")}
         for run in _wandb_runs(trainer):
-            run.config.update({k: v for k, v in config.items() if k not in ("config", "ckpt_path")},
-                              allow_val_change=True)
+            run.config.update(self.resolved, allow_val_change=True)
             define_axes(run)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -114,7 +114,8 @@ class WandbConfigCallback(SaveConfigCallback):
             if isinstance(logger, _LightningWandbLogger) and trainer.is_global_zero:
                 run = logger.experiment
                 checkpoint[LINEAGE_KEY] = {"run_id": run.id, "project": run.project, "entity": run.entity or None,
-                                           "group": run.group or None, "artifact": f"model-{run.id}"}
+                                           "group": run.group or None, "artifact": f"model-{run.id}",
+                                           "config": getattr(self, "resolved", None)}  # certify logs it
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._announce(trainer)
@@ -300,8 +301,9 @@ def log_certify_run(out, summary: Mapping, rows: Mapping, settings: Mapping, sig
                                                                            str(checkpoint.get("sha256"))[:8]),
         tags=list(options.get("tags") or default_tags(dataset, sigma_class)), notes=options.get("notes"),
         config={"certify": dict(settings), "sigma": dict(sigma),
-                "checkpoint": {"path": str(checkpoint["path"]), "sha256": checkpoint.get("sha256"),
-                               "config": checkpoint.get("config")}},
+                "checkpoint": {"path": str(checkpoint["path"]), "sha256": checkpoint.get("sha256"), "epoch": epoch,
+                               "config": checkpoint.get("config"), "fit_config": lineage.get("config"),
+                               "fit_run": lineage.get("run_id")}},
         reinit="create_new", settings=wandb.Settings(silent=True, init_timeout=30))
     try:
         define_axes(run)
@@ -313,7 +315,7 @@ def log_certify_run(out, summary: Mapping, rows: Mapping, settings: Mapping, sig
         log_certification(run, summary, prefix=REPORT, epoch=epoch,
                           split=str(summary.get("split")), n=int(summary.get("n", 0)), history={}, title=title,
                           sigmas=rows.get("sigma"), png=png, extra=extra)
-        run.summary.update({**scalars(summary, REPORT), "certify/total_samples": summary.get("total_samples")})
+        run.summary.update(scalars(summary, REPORT))  # results: summary, not config
         run.log_artifact(_results_artifact(run, out, summary))
         line = _run_line(run)
     finally:

@@ -347,7 +347,7 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
         monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_port}")
         assert wandb_online_problem() == "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
         monkeypatch.setenv("WANDB_API_KEY", "bad-key")  # refused before any request: W&B keys have 40+ characters
-        assert wandb_online_problem() == "the W&B API key is not valid (API key must have 40+ characters, has 7)"
+        assert wandb_online_problem().startswith("the W&B API key is not valid (API key must have 40+ characters")
         monkeypatch.delenv("WANDB_API_KEY")  # a well-formed key from .netrc (wandb's own reader), refused: HTTP 401
         netrc.write_text(f"machine 127.0.0.1:{server.server_port}\n  login user\n  password {'k' * 40}\n")
         assert wandb_online_problem().startswith("the W&B server refused the API key (Failed to authenticate with "
@@ -355,6 +355,7 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
     finally:
         server.shutdown()
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     start = time.monotonic()
     assert wandb_online_problem().startswith("cannot reach 127.0.0.1:9")
     assert time.monotonic() - start < 30

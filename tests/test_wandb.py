@@ -198,14 +198,19 @@ def test_fit_logs_its_checkpoints_as_a_model_artifact_staged_offline(trained):
 
 def test_certify_run_config_summary_points_tags_and_lineage(trained, certified):
     _, checkpoint, fit = trained
-    out, run, _, _ = certified
+    out, run, again, _ = certified
     assert run.run.job_type == "certify" and list(run.run.tags) == ["digits", "IDRS"]
     assert run.run.run_group == fit.run.run_group, "the certify run joins its checkpoint's fit run"
     assert run.config["sigma"]["class_path"] == "lightning_idrs.sigma.KnnSigma"
     assert run.config["certify"]["n"] == 64 and run.config["checkpoint"]["config"]["model"]["arch"] == "small_cnn"
+    trained_with = run.config["checkpoint"]["fit_config"]  # the fit run's whole config, read from the checkpoint
+    assert trained_with["trainer"]["max_epochs"] == 2
+    assert all(trained_with[k] == fit.config[k] for k in ("trainer", "model", "data", "seed_everything"))
+    assert run.config["checkpoint"]["fit_run"] == fit.run.run_id and run.config["checkpoint"]["epoch"] == 1
     assert "acr" not in run.config and "clean_accuracy" not in run.config
-    summary = json.loads((out / "summary.json").read_text())
-    assert run.summary["certify/acr"] == pytest.approx(summary["acr"])
+    summary = json.loads((out / "summary.json").read_text())  # after the rerun: 15 points
+    assert again[-1].summary["certify/acr"] == pytest.approx(summary["acr"]) and summary["num_points"] == 15
+    assert run.summary["certify/num_points"] == 12
     (points,) = run.logged("certify/points")
     table = run.table(points, "certify/points")
     tsv = read_tsv(out / TSV_NAME)
@@ -261,7 +266,7 @@ def test_dashboard_panels_refer_to_keys_our_runs_log(trained, certified, tmp_pat
     _, _, fit = trained
     _, _, again, _ = certified
     logged = [fit, *again]
-    history = {k.split("/path")[0] if k.endswith("/path") else k for r in logged for step in r.history for k in step}
+    history = {k.rsplit("/", i)[0] for r in logged for step in r.history for k in step for i in range(3)}  # media
     summary = {k for r in logged for k in r.summary}
     tables = {}
     for r in logged:

@@ -280,6 +280,7 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
     """summary.json, the PNG (with the compare curve) and W&B; returns the PNG's path."""
     from lightning_idrs.reporting import (PLOT_NAME, SUMMARY_NAME, curve, curve_from_tsv_columns, keep_run_files_under,
                                           plot_curves, write_summary)
+    from lightning_idrs.wandb_logging import log_certify_run
 
     keep_run_files_under(out, wandb=False)
     write_summary(out / SUMMARY_NAME, summary)
@@ -291,8 +292,6 @@ def _report(out: Path, summary: dict, columns: dict, grid, compare, wandb_opts: 
     png = plot_curves(curves, out / PLOT_NAME, title=title)
     if wandb_opts.mode != "disabled":
         try:
-            from lightning_idrs.wandb_logging import log_certify_run
-
             log_certify_run(out, summary, columns, settings, settings["sigma"], checkpoint, asdict(wandb_opts),
                             png=png, curves=curves)
         except Exception as error:  # the results are on disk; a logging failure must not hide them
