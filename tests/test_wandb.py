@@ -296,3 +296,11 @@ def test_dashboard_panels_refer_to_keys_our_runs_log(trained, certified, tmp_pat
     assert main(["dashboard", "--project", "lightning-idrs", "--out", str(out)]) == 0
     spec = json.loads(out.read_text())
     assert spec["project"] == "lightning-idrs" and "certify/curve_table" in out.read_text()
+
+
+def test_dashboard_bad_options_get_one_line(tmp_path, capsys):
+    assert main(["dashboard", "--save", "true", "--out", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --save true needs --entity (your W&B user or team)"] and not (tmp_path / "d.json").exists()
+    assert main(["dashboard", "--radii", "[-0.5]"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --radii must be a finite number >= 0, got -0.5"
