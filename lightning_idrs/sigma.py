@@ -295,7 +295,7 @@ class KnnSigma(Sigma):
 
     def forward(self, x):
         """sigma(x) for a batch [B, ...]: float32 [B] on x's device (computed in float64, then rounded)."""
-        return self.sigma_from_distance(self.mean_knn_distance(x)).to(torch.float32)
+        return self.sigma_from_distance(self.neighbour_distance(x)).to(torch.float32)
 
     def log_error(self, sigma, reach):
         """Floating-point error of log forward(y) within ``reach`` of a point with level ``sigma``.
@@ -320,7 +320,7 @@ class KnnSigma(Sigma):
         return float64 - math.log1p(-(2.0**-24))  # plus the rounding of the result to float32
 
     @torch.no_grad()
-    def mean_knn_distance(self, x):
+    def neighbour_distance(self, x):
         """d_k(x) in float64, shape [B], on x's device (the k-th neighbour's distance with statistic="kth")."""
         self._require_fitted()
         x = _as_batch(x, "x")
@@ -332,7 +332,7 @@ class KnnSigma(Sigma):
                                  f"holds {self._index.d}-dimensional points")
             if not torch.isfinite(q).all():
                 raise ValueError("embedding(x) contains NaN or inf values")
-            out[i:i + len(q)] = self._index.mean_distance(q, self.k, self.candidate_margin, self.statistic).to(x.device)
+            out[i:i + len(q)] = self._index.neighbour_distance(q, self.k, self.candidate_margin, self.statistic).to(x.device)
         return out
 
     def sigma_from_distance(self, dist):
@@ -377,7 +377,7 @@ class KnnSigma(Sigma):
         dist = torch.empty(index.n, dtype=torch.float64, device=device)
         for i in range(0, index.n, self.batch_size):
             rows = torch.arange(i, min(i + self.batch_size, index.n))
-            dist[i:i + len(rows)] = index.training_mean_distance(rows, self.k, self.candidate_margin, device,
+            dist[i:i + len(rows)] = index.training_neighbour_distance(rows, self.k, self.candidate_margin, device,
                                                                  self.statistic)
         self._train_dist = dist
 
