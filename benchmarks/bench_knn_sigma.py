@@ -63,7 +63,7 @@ def main():
 
     sigma.to(args.device)
     start = time.perf_counter()
-    ours_dist = sigma.mean_knn_distance(queries.to(args.device)).cpu()  # forward() = this + the formula
+    ours_dist = sigma.neighbour_distance(queries.to(args.device)).cpu()  # forward() = this + the formula
     ours = sigma.sigma_from_distance(ours_dist).float()
     ours_s = time.perf_counter() - start
     print(f"KnnSigma queries: {ours_s:.2f} s ({args.n_query / ours_s:.0f} queries/s)")

@@ -35,7 +35,7 @@ class CertificationCallback(Callback):
 
     Uses the model's own base classifier and sigma(x), and the IDRS radius for sigma's
     semi-elasticity (Cohen's for a constant sigma). Points are certified in the same seeded chunks
-    as the ``certify`` command (:func:`lightning_idrs.smoothing.certify_sharded`), with the same noise
+    as the ``certify`` command (:func:`lightning_idrs.sharding.certify_sharded`), with the same noise
     every epoch, so a change between epochs is the model's, not the noise's. Under DDP the chunks are
     shared out over the ranks and the rows gathered after each round, as in the command. What is
     logged is the command's, under monitoring keys ``monitor/...`` (a validation subset at small n,

@@ -58,21 +58,22 @@ class KnnIndex:
         self._gpu = {}  # cuda device index -> (resources, gpu index, xb on that device) or None
 
     # ------------------------------------------------------------------------------ queries
-    def mean_distance(self, queries: torch.Tensor, k: int, margin: int, statistic: str = "mean") -> torch.Tensor:
-        """float64 mean distance from each query ([b, d], any float dtype) to its k nearest points
-        (``statistic="kth"``: the distance to the k-th nearest). Both are 1-Lipschitz in the query."""
+    def neighbour_distance(self, queries: torch.Tensor, k: int, margin: int, statistic: str = "mean") -> torch.Tensor:
+        """float64 d_k of each query ([b, d], any float dtype): ``statistic="mean"``, the mean distance to
+        its k nearest points (the paper's); ``"kth"``, the distance to the k-th nearest. Both are
+        1-Lipschitz in the query."""
         q = queries.to(torch.float64) - self.mu.to(queries.device)
-        return self._knn_mean(q, None, k, margin, statistic).to(queries.device)
+        return self._neighbour_distance(q, None, k, margin, statistic).to(queries.device)
 
-    def training_mean_distance(self, rows: torch.Tensor, k: int, margin: int, device,
-                               statistic: str = "mean") -> torch.Tensor:
-        """As :meth:`mean_distance` for stored points ``rows``, each excluded from its own neighbours (by index)."""
+    def training_neighbour_distance(self, rows: torch.Tensor, k: int, margin: int, device,
+                                    statistic: str = "mean") -> torch.Tensor:
+        """As :meth:`neighbour_distance` for stored points ``rows``, each excluded from its own neighbours (by index)."""
         q = self.xb[rows].to(device, torch.float64)
-        return self._knn_mean(q, rows, k, margin, statistic).to(device)
+        return self._neighbour_distance(q, rows, k, margin, statistic).to(device)
 
     # ------------------------------------------------------------------------------ core
     @torch.no_grad()
-    def _knn_mean(self, q, exclude: Optional[torch.Tensor], k: int, margin: int, statistic: str = "mean"):
+    def _neighbour_distance(self, q, exclude: Optional[torch.Tensor], k: int, margin: int, statistic: str = "mean"):
         """Exact mean (or k-th) distance from centred queries q [b, d] to their k nearest points (``exclude``: row ids)."""
         gpu = self._on_gpu(q.device)
         device = q.device if gpu is not None else torch.device("cpu")

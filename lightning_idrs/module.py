@@ -2,7 +2,7 @@
 
 Training (Cohen et al. 2019, Sec. 4; Sukenik et al. 2022, Sec. 5): x_noisy = x + sigma(x) * eps,
 eps ~ N(0, I), one sigma per image, fresh eps every step, noise added in pixel space (the data
-normalisation is the model's first layer). Training points use ``sigma.training_sigma`` (the kNN
+normalisation is the model's first layer). Training points use ``Sigma.training_sigma`` (the kNN
 sigma excludes each point from its own neighbours). The noise is drawn by
 :func:`lightning_idrs.smoothing.add_noise`, the same function certification uses.
 """

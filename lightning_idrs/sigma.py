@@ -61,6 +61,24 @@ class Sigma(Configurable, nn.Module):
       of forward against the exact r-semi-elastic function) for every y within ``reach`` of a point
       where forward returned ``sigma``. The default, one rounding to float32 of a value computed in
       float64, fits a forward that computes in float64; override it otherwise.
+
+    Example: a sigma of your own (docs/extending.md); ``| ||x|| - ||y|| | <= ||x - y||``, so it is
+    r-semi-elastic.
+
+        >>> class NormSigma(Sigma):
+        ...     def __init__(self, sigma_base: float = 0.25, r: float = 0.1, m: float = 3.9):
+        ...         super().__init__()
+        ...         self.sigma_base, self.r, self.m = sigma_base, r, m
+        ...     semi_elasticity = property(lambda self: self.r)
+        ...     def forward(self, x):
+        ...         norm = x.flatten(1).double().norm(dim=1)  # float64, as log_error's default assumes
+        ...         return (self.sigma_base * torch.exp(self.r * (norm - self.m))).float()
+        >>> sigma = NormSigma()
+        >>> x = torch.zeros(2, 1, 8, 8); x[1] += 0.5  # ||x|| = 0 and 4
+        >>> sigma(x)
+        tensor([0.1693, 0.2525])
+        >>> sigma.semi_elasticity, sigma.config["init_args"]
+        (0.1, {'sigma_base': 0.25, 'r': 0.1, 'm': 3.9})
     """
 
     #: log_error's default: one float32 rounding (2^-24 relative) plus a margin for float64 arithmetic
@@ -158,6 +176,17 @@ class KnnSigma(Sigma):
     Training noise: ``training_sigma(x, idx)`` returns sigma for training point ``idx`` with the point
     itself excluded (by index, so duplicates still count), cached once per fit. It depends only on the
     clean image: with data augmentation every view of x_i gets sigma(x_i) of the clean image.
+
+    Example (an exact index over 200 training images; m defaults to their mean d_k, so a typical
+    sigma is about sigma_b):
+
+        >>> train = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        >>> sigma = KnnSigma(sigma_base=0.25, semi_elasticity=0.1, k=5).fit(train)
+        >>> levels = sigma(train[:50])
+        >>> levels.shape, bool((levels > 0.2).all() and (levels < 0.3).all())
+        (torch.Size([50]), True)
+        >>> sigma.semi_elasticity, sigma.label  # the r of the certificate: r * Lip(phi), phi = flatten
+        (0.1, 'IDRS (sigma_b=0.25, r=0.1, k=5)')
     """
 
     def __init__(self, sigma_base: PositiveFloat = 0.25, semi_elasticity: NonNegativeFloat = 0.1,
@@ -266,7 +295,7 @@ class KnnSigma(Sigma):
 
     def forward(self, x):
         """sigma(x) for a batch [B, ...]: float32 [B] on x's device (computed in float64, then rounded)."""
-        return self.sigma_from_distance(self.mean_knn_distance(x)).to(torch.float32)
+        return self.sigma_from_distance(self.neighbour_distance(x)).to(torch.float32)
 
     def log_error(self, sigma, reach):
         """Floating-point error of log forward(y) within ``reach`` of a point with level ``sigma``.
@@ -291,7 +320,7 @@ class KnnSigma(Sigma):
         return float64 - math.log1p(-(2.0**-24))  # plus the rounding of the result to float32
 
     @torch.no_grad()
-    def mean_knn_distance(self, x):
+    def neighbour_distance(self, x):
         """d_k(x) in float64, shape [B], on x's device (the k-th neighbour's distance with statistic="kth")."""
         self._require_fitted()
         x = _as_batch(x, "x")
@@ -303,7 +332,7 @@ class KnnSigma(Sigma):
                                  f"holds {self._index.d}-dimensional points")
             if not torch.isfinite(q).all():
                 raise ValueError("embedding(x) contains NaN or inf values")
-            out[i:i + len(q)] = self._index.mean_distance(q, self.k, self.candidate_margin, self.statistic).to(x.device)
+            out[i:i + len(q)] = self._index.neighbour_distance(q, self.k, self.candidate_margin, self.statistic).to(x.device)
         return out
 
     def sigma_from_distance(self, dist):
@@ -348,7 +377,7 @@ class KnnSigma(Sigma):
         dist = torch.empty(index.n, dtype=torch.float64, device=device)
         for i in range(0, index.n, self.batch_size):
             rows = torch.arange(i, min(i + self.batch_size, index.n))
-            dist[i:i + len(rows)] = index.training_mean_distance(rows, self.k, self.candidate_margin, device,
+            dist[i:i + len(rows)] = index.training_neighbour_distance(rows, self.k, self.candidate_margin, device,
                                                                  self.statistic)
         self._train_dist = dist
 

@@ -232,8 +232,8 @@ class CertifyLog:
     order), ``settings`` (as stored), ``repaired`` (description of a dropped torn line, or None).
 
     ``settings`` should hold everything that determines the rows (certification parameters,
-    checkpoint identity, data split/subset) and nothing that may legitimately change on a
-    rerun (device, batch size, number of workers). Values must be JSON serialisable.
+    checkpoint identity, data split/subset, batch size where it changes the noise stream) and
+    nothing that may legitimately change on a rerun (device, number of workers, ``max``). Values must be JSON serialisable.
     """
 
     def __init__(self, out_dir: PathLike, settings: Mapping[str, Any], *, lock: bool = True):
@@ -310,7 +310,7 @@ class CertifyLog:
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, rows: Iterable[Any]) -> int:
-        """Append finished rows (mappings keyed by TSV_HEADER, CertifyRow or 8-sequences).
+        """Append finished rows (mappings keyed by TSV_HEADER, CertifyRow or sequences in TSV_HEADER's order).
 
         All rows are validated first (ValueError, nothing written, on a bad row or an idx that is
         already done or repeated); then they are written as one block of complete lines and

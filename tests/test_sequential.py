@@ -5,7 +5,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from lightning_idrs import ConstantSigma, Sigma, SmoothedClassifier
+from lightning_idrs import ConstantSigma, Sigma, SmoothedClassifier, smoothing
 from lightning_idrs.smoothing import ABSTAIN, clopper_pearson_upper, sequential_schedule
 
 GRID = [0.25, 0.5, 0.75, 1.0]
@@ -66,6 +66,53 @@ def test_coverage_of_sequential_lower_bounds(sigma):
     runs = len(x)
     assert violations.mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / runs)
     assert (cert.samples < 10_000).mean() > 0.3, "the test must exercise early stopping"
+
+
+@pytest.mark.parametrize("stages_counted", [True, False], ids=["alpha/K", "mutant:alpha-per-stage"])
+def test_coverage_with_true_p_a_on_the_bucket_edges(monkeypatch, stages_counted):
+    """The hardest case for a stopping rule: true pA exactly on a grid edge (margin = radius = edge), so
+    points keep sampling and every stage is a chance to overshoot. 2,400 runs: P(pA_lower > pA) <= alpha +
+    3 SE with each stage at alpha / K; the same runs with each stage spending the whole alpha (a planted
+    bug, run here as a mutant) overshoot far more often, so this test can tell the two apart."""
+    runs_per_point, alpha, n = 600, 0.05, 10_000
+    if not stages_counted:
+        real_schedule = smoothing.sequential_schedule
+
+        class CountsAsOneStage(list):  # the bookkeeping bug: level = alpha / 1
+            def __len__(self):
+                return 1
+
+        monkeypatch.setattr(smoothing, "sequential_schedule", lambda n: CountsAsOneStage(real_schedule(n)))
+    edges = np.array(GRID)  # Halfspace + constant sigma s: radius = s * Phi^-1(pA) = margin
+    true_p_a = stats.norm.cdf(edges / np.float32(0.5))
+    x = points(np.repeat(edges, runs_per_point))
+    smoothed = SmoothedClassifier(Halfspace(), ConstantSigma(0.5), num_classes=2)
+    cert = smoothed.certify(x, 20, n, alpha, batch_size=100_000, generator=torch.Generator().manual_seed(1),
+                            radii=GRID)
+    overshoot = ((cert.p_a_lower > np.repeat(true_p_a, runs_per_point)) & (cert.prediction != 0)).mean()
+    bound = alpha + 3 * np.sqrt(alpha * (1 - alpha) / len(x))
+    assert (cert.samples > 1000).mean() > 0.5, "points on an edge must go past the first stage"
+    if stages_counted:
+        assert overshoot <= bound
+    else:
+        assert overshoot > bound, f"a per-stage alpha went unnoticed: {overshoot:.3f} <= {bound:.3f}"
+
+
+def test_every_sequential_bound_is_taken_at_alpha_over_the_stages(monkeypatch):
+    """Exact bookkeeping: each lower bound of the sequential estimation uses alpha / len(schedule)."""
+    levels = []
+    real_lower = smoothing.clopper_pearson_lower
+
+    def recording_lower(successes, trials, alpha):
+        levels.append(alpha)
+        return real_lower(successes, trials, alpha)
+
+    monkeypatch.setattr(smoothing, "clopper_pearson_lower", recording_lower)
+    smoothed = SmoothedClassifier(Halfspace(), ConstantSigma(0.5), num_classes=2)
+    smoothed.certify(points([0.25, 0.5, 1.3]), 20, 100_000, 0.001, 100_000, torch.Generator().manual_seed(5),
+                     radii=GRID)
+    stages = len(smoothing.sequential_schedule(100_000))
+    assert levels and all(level == pytest.approx(0.001 / stages, rel=1e-12) for level in levels)
 
 
 def test_sequential_and_fixed_n_agree_on_the_grid_far_from_bucket_edges():

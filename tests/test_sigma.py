@@ -81,7 +81,7 @@ def test_self_exclusion_by_index_with_duplicates(copies):
     if copies == 40:  # the duplicates of a duplicated point are its neighbours at distance 0
         assert expected[0] == 0.0
         assert sigma.training_sigma(None, torch.tensor([0])).item() == pytest.approx(math.exp(-sigma.m))
-    np.testing.assert_allclose(sigma.mean_knn_distance(torch.from_numpy(base[:5])).numpy(),
+    np.testing.assert_allclose(sigma.neighbour_distance(torch.from_numpy(base[:5])).numpy(),
                                brute_force_knn_mean(base[:5], train, 4), rtol=1e-5, atol=1e-7)
 
 
@@ -114,7 +114,7 @@ def test_empirical_semi_elasticity(dim, spread, smallest):
     slack = sigma.log_error(sx, 40 * sx.double()) + sigma.log_error(sy, 40 * sy.double())  # the radius allows this
     assert (gap <= r * dist + slack).all(), (gap - r * dist - slack).max()
     assert ((dist > 0) & (dist < 100 * smallest)).sum() > 50  # the close pairs are really there
-    np.testing.assert_allclose(sigma.mean_knn_distance(x[:200]).numpy(),
+    np.testing.assert_allclose(sigma.neighbour_distance(x[:200]).numpy(),
                                brute_force_knn_mean(x[:200].numpy(), train, 5), rtol=1e-5)
 
 
@@ -127,7 +127,7 @@ def test_orthonormal_projection_keeps_r(digits):
     assert sigma.semi_elasticity == 0.5
     flat_train, flat_test = train.reshape(len(train), -1).double(), test.reshape(len(test), -1).double()
     expected = brute_force_knn_mean((flat_test @ p.T).numpy(), (flat_train @ p.T).numpy(), 10)
-    np.testing.assert_allclose(sigma.mean_knn_distance(test).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(sigma.neighbour_distance(test).numpy(), expected, rtol=1e-5)
     x, y = test[:100], test[100:200]
     gap = (sigma(x).double().log() - sigma(y).double().log()).abs()
     assert (gap <= 0.5 * torch.linalg.vector_norm((x - y).reshape(100, -1).double(), dim=1) + 1e-6).all()
@@ -326,7 +326,7 @@ def test_kth_neighbour_statistic_matches_brute_force_and_survives_a_checkpoint()
     sigma = KnnSigma(0.5, 0.3, k=7, statistic="kth").fit(train)
     dist = np.sqrt(((queries.reshape(40, -1).double().numpy()[:, None] - train.reshape(300, -1).double().numpy()[None])
                     ** 2).sum(-1))
-    np.testing.assert_allclose(sigma.mean_knn_distance(queries).numpy(), np.sort(dist, 1)[:, 6], rtol=1e-6)
+    np.testing.assert_allclose(sigma.neighbour_distance(queries).numpy(), np.sort(dist, 1)[:, 6], rtol=1e-6)
     restored = KnnSigma(0.5, 0.3, k=7)
     restored.load_state_dict(sigma.state_dict())
     assert restored.statistic == "kth"

@@ -90,7 +90,7 @@ def test_faiss_matrix_product_distances_are_never_trusted_for_the_ranking():
     faiss.cvar.distance_compute_blas_threshold = 0  # faiss' inexact ||a||^2 + ||b||^2 - 2ab, as on a GPU
     try:
         sigma = KnnSigma(0.5, 1.0, k=5).fit(torch.from_numpy(train), cache_training=False)
-        got = sigma.mean_knn_distance(torch.from_numpy(queries)).numpy()
+        got = sigma.neighbour_distance(torch.from_numpy(queries)).numpy()
         index = faiss.IndexFlatL2(512)
         index.add(train - train.mean(0))
         faiss_order = index.search(queries - train.mean(0), 5)[1]

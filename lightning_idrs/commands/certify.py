@@ -13,7 +13,7 @@ Data and model settings come from the checkpoint (:mod:`lightning_idrs.checkpoin
 
 Reproducibility: the selected points (every ``skip``-th, at most ``max``) are cut into fixed chunks
 of ``points_per_chunk`` consecutive points; chunk c is certified with noise seeded from (seed, c)
-(:func:`lightning_idrs.smoothing.certify_chunks`). A rerun into the same directory recomputes only
+(:func:`lightning_idrs.sharding.certify_chunks`). A rerun into the same directory recomputes only
 unfinished chunks and appends only the missing rows, so an interrupted and resumed run gives the
 same rows (but the ``time`` column) as an uninterrupted one on the same device. Everything that
 changes the rows is stored in ``settings.json`` and checked on a rerun; ``max`` and the device are
