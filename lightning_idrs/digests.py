@@ -5,7 +5,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["sha256_hex", "state_dict_sha256"]
+__all__ = ["dataset_fingerprint", "sha256_hex", "state_dict_sha256"]
 
 _ROWS = 4096  # rows hashed per block: bounded memory for any array
 
@@ -18,6 +18,12 @@ def _blocks(array):
     for start in range(0, len(flat), _ROWS):
         block = flat[start:start + _ROWS]
         yield np.ascontiguousarray(block.numpy() if hasattr(block, "numpy") else block)
+
+
+def dataset_fingerprint(train) -> str:
+    """Hex sha256 of ``repr(shape)`` followed by the data as C-ordered float32 bytes (a tensor or an array)."""
+    x = train.detach().float() if hasattr(train, "detach") else np.asarray(train, dtype=np.float32)
+    return sha256_hex(repr(tuple(x.shape)), x)
 
 
 def sha256_hex(header: str, *arrays) -> str:

@@ -9,27 +9,20 @@ Any subclass of :class:`Sigma` plugs in by ``class_path`` (``--model.sigma my_mo
 docs/extending.md says what an implementation must guarantee and shows one.
 """
 
-from typing import Literal, Optional
-
 import math
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from lightning_idrs.configurable import Configurable, config_of
-from lightning_idrs.digests import sha256_hex
+from lightning_idrs.digests import dataset_fingerprint, sha256_hex
 from lightning_idrs.embeddings import Embedding, embedding_lipschitz
 from lightning_idrs.knn import KnnIndex
 from lightning_idrs.validation import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check
 
 __all__ = ["Sigma", "ConstantSigma", "KnnSigma", "dataset_fingerprint"]
-
-
-def dataset_fingerprint(train) -> str:
-    """Hex sha256 of ``repr(shape)`` followed by the data as C-ordered float32 bytes."""
-    x = train.detach() if torch.is_tensor(train) else torch.as_tensor(np.asarray(train))
-    return sha256_hex(repr(tuple(x.shape)), x.to(torch.float32))
 
 
 def _as_batch(x, name):
@@ -61,24 +54,7 @@ class Sigma(Configurable, nn.Module):
       of forward against the exact r-semi-elastic function) for every y within ``reach`` of a point
       where forward returned ``sigma``. The default, one rounding to float32 of a value computed in
       float64, fits a forward that computes in float64; override it otherwise.
-
-    Example: a sigma of your own (docs/extending.md); ``| ||x|| - ||y|| | <= ||x - y||``, so it is
-    r-semi-elastic.
-
-        >>> class NormSigma(Sigma):
-        ...     def __init__(self, sigma_base: float = 0.25, r: float = 0.1, m: float = 3.9):
-        ...         super().__init__()
-        ...         self.sigma_base, self.r, self.m = sigma_base, r, m
-        ...     semi_elasticity = property(lambda self: self.r)
-        ...     def forward(self, x):
-        ...         norm = x.flatten(1).double().norm(dim=1)  # float64, as log_error's default assumes
-        ...         return (self.sigma_base * torch.exp(self.r * (norm - self.m))).float()
-        >>> sigma = NormSigma()
-        >>> x = torch.zeros(2, 1, 8, 8); x[1] += 0.5  # ||x|| = 0 and 4
-        >>> sigma(x)
-        tensor([0.1693, 0.2525])
-        >>> sigma.semi_elasticity, sigma.config["init_args"]
-        (0.1, {'sigma_base': 0.25, 'r': 0.1, 'm': 3.9})
+    docs/extending.md shows a sigma of your own (run by tests/test_docs.py).
     """
 
     #: log_error's default: one float32 rounding (2^-24 relative) plus a margin for float64 arithmetic
@@ -177,16 +153,12 @@ class KnnSigma(Sigma):
     itself excluded (by index, so duplicates still count), cached once per fit. It depends only on the
     clean image: with data augmentation every view of x_i gets sigma(x_i) of the clean image.
 
-    Example (an exact index over 200 training images; m defaults to their mean d_k, so a typical
-    sigma is about sigma_b):
+    Example (m defaults to the training points' mean d_k, so a typical sigma is about sigma_b):
 
-        >>> train = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-        >>> sigma = KnnSigma(sigma_base=0.25, semi_elasticity=0.1, k=5).fit(train)
-        >>> levels = sigma(train[:50])
-        >>> levels.shape, bool((levels > 0.2).all() and (levels < 0.3).all())
-        (torch.Size([50]), True)
-        >>> sigma.semi_elasticity, sigma.label  # the r of the certificate: r * Lip(phi), phi = flatten
-        (0.1, 'IDRS (sigma_b=0.25, r=0.1, k=5)')
+        >>> sigma = KnnSigma(0.25, semi_elasticity=0.1, k=5).fit(torch.rand(200, 1, 8, 8))
+        >>> levels = sigma(torch.rand(50, 1, 8, 8))
+        >>> bool((levels > 0.2).all() and (levels < 0.3).all()), sigma.semi_elasticity, sigma.label
+        (True, 0.1, 'IDRS (sigma_b=0.25, r=0.1, k=5)')
     """
 
     def __init__(self, sigma_base: PositiveFloat = 0.25, semi_elasticity: NonNegativeFloat = 0.1,
