@@ -10,15 +10,19 @@ computed is {mu + c_i}. See docs/math.md ("the kNN sigma") for why exactness mat
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Optional
 
-import faiss
 import numpy as np
 import torch
 
-__all__ = ["KnnIndex"]
+from lightning_idrs.validation import UsageError
+
+__all__ = ["KnnIndex", "faiss_has_gpu", "import_faiss"]
+
+log = logging.getLogger(__name__)
 
 _U32 = 2.0 ** -24  # float32 unit roundoff
 _GPU_SLACK = 2.0 ** -9  # covers TF32 GEMMs (10-bit mantissa) should a GPU use them
@@ -27,8 +31,34 @@ _CHUNK_ELEMENTS = 2 ** 22  # float64 elements per recompute chunk (32 MiB)
 _ROWS = 8192
 
 
-def _faiss_has_gpu() -> bool:
+_said_cpu_only = False  # the "CPU build of faiss" line is logged once per process
+
+
+def import_faiss():
+    """The faiss module; it comes from an extra (one of two wheels), so its absence is a set-up error."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise UsageError(f"faiss is not installed ({error}); install the kNN backend: pip install "
+                         "'lightning_idrs[cpu]', or 'lightning_idrs[gpu]' on a CUDA 13 GPU machine") from None
+    return faiss
+
+
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss is a GPU build that sees at least one GPU."""
+    faiss = import_faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _say_cpu_only_once() -> None:
+    global _said_cpu_only
+    if not _said_cpu_only:
+        _said_cpu_only = True
+        if hasattr(import_faiss(), "StandardGpuResources"):
+            log.warning("kNN search runs on the CPU: the GPU build of faiss sees no GPU")
+        else:
+            log.warning("kNN search runs on the CPU: the installed faiss is a CPU build (for the GPU index: "
+                        "pip uninstall -y faiss-cpu && pip install 'lightning_idrs[gpu]')")
 
 
 class KnnIndex:
@@ -39,6 +69,7 @@ class KnnIndex:
     """
 
     def __init__(self, points: np.ndarray, factory: str = "Flat"):
+        faiss = import_faiss()
         self.n, self.d = points.shape
         mu = points.mean(0, dtype=np.float64)
         for i in range(0, self.n, _ROWS):  # centre in place (translation: distances unchanged)
@@ -135,8 +166,12 @@ class KnnIndex:
 
     def _on_gpu(self, device):
         """(resources, gpu index, xb) for ``device``, or None when faiss cannot search there."""
-        if device.type != "cuda" or not _faiss_has_gpu():
+        if device.type != "cuda":
             return None
+        if not faiss_has_gpu():
+            _say_cpu_only_once()
+            return None
+        faiss = import_faiss()
         dev = device.index if device.index is not None else torch.cuda.current_device()
         if dev not in self._gpu:
             try:

@@ -208,7 +208,9 @@ class SmoothedClassifier:
         top2 = counts.topk(min(2, self.num_classes), dim=1)
         n_a = top2.values[:, 0].cpu().numpy()
         n_b = top2.values[:, 1].cpu().numpy() if self.num_classes > 1 else np.zeros_like(n_a)
-        p_value = np.minimum(1.0, 2.0 * stats.binom.cdf(np.minimum(n_a, n_b), n_a + n_b, 0.5))
+        # SciPy's reference test, one point at a time: ~1 ms a point, against the n forward passes just
+        # spent on it (PREDICT is not on certify's path)
+        p_value = np.array([stats.binomtest(int(a), int(a + b), 0.5).pvalue for a, b in zip(n_a, n_b)])
         return np.where(p_value <= alpha, top2.indices[:, 0].cpu().numpy(), ABSTAIN)
 
     # ------------------------------------------------------------------ helpers

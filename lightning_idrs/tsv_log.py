@@ -5,7 +5,8 @@ Layout of a certification output directory::
     settings.json        the settings that produced the rows (written once; a rerun must match)
     certify.tsv          one row per finished point, header TSV_HEADER, appended batch by batch
     summary.json         written (atomically) at the end, see lightning_idrs.reporting.write_summary
-    .certify.lock        advisory lock (flock) so that two processes never append to one log
+    .certify.lock        advisory lock (filelock: flock on POSIX, msvcrt on Windows) so that two
+                         processes never append to one log; the OS releases it when a process dies
 
 Crash safety of ``certify.tsv``: every batch of rows is one ``write`` of complete lines followed by
 ``fsync``. A process killed at any moment can therefore leave at most one torn (partial) line at
@@ -23,13 +24,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from lightning_idrs.reporting import fsync_dir, json_ready, write_json_atomic
-
-try:  # POSIX only; elsewhere the log works without the advisory lock
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 __all__ = ["TSV_HEADER", "TSV_NAME", "SETTINGS_NAME", "CertifyRow", "CertifyLog", "format_row", "read_tsv"]
 
@@ -242,7 +239,7 @@ class CertifyLog:
         self.settings_path = self.out_dir / SETTINGS_NAME
         self.repaired: Optional[str] = None
         self._fd: Optional[int] = None
-        self._lock_fh = None
+        self._lock: Optional[FileLock] = None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:
             if lock:
@@ -256,17 +253,15 @@ class CertifyLog:
 
     # -- opening ------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        if fcntl is None:  # pragma: no cover
-            return
-        fh = open(self.out_dir / LOCK_NAME, "a+")
+        # thread_local=False: close() may run on another thread (e.g. the garbage collector's)
+        lock = FileLock(self.out_dir / LOCK_NAME, timeout=0, thread_local=False)
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+            lock.acquire()
+        except Timeout:
             raise RuntimeError(
                 f"the certification output directory {self.out_dir} is in use by another process"
             ) from None
-        self._lock_fh = fh
+        self._lock = lock
 
     def _check_settings(self, settings: dict) -> dict:
         if self.settings_path.exists():
@@ -358,9 +353,9 @@ class CertifyLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if self._lock_fh is not None:
-            self._lock_fh.close()  # releases the flock
-            self._lock_fh = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> "CertifyLog":
         return self

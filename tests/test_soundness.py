@@ -73,6 +73,21 @@ def test_predict_uses_a_two_sided_binomial_test():
     assert clear.predict(torch.zeros(1, 4), n, alpha, batch_size=64).tolist() == [0]  # two-sided p = 0.021
 
 
+@pytest.mark.parametrize("n_a, n_b, n_c", [(59, 41, 0), (62, 38, 0), (30, 12, 58), (50, 50, 0), (9, 0, 1)])
+def test_predict_decides_with_scipys_binomtest_at_the_boundary(n_a, n_b, n_c):
+    # class 2 is the majority in (30, 12, 58): the test is between the top two counts, whatever their classes
+    counts = sorted([(n_a, 0), (n_b, 1), (n_c, 2)], reverse=True)
+    top, second = counts[0][0], counts[1][0]
+    p_value = stats.binomtest(top, top + second, 0.5).pvalue
+    script = [0] * n_a + [1] * n_b + [2] * n_c
+    for alpha, expected in ((p_value, counts[0][1]), (np.nextafter(p_value, 0), ABSTAIN)):
+        if not 0 < alpha < 1:
+            expected = ABSTAIN  # p = 1 (a tie): no alpha in (0, 1) predicts
+            alpha = 0.5
+        smoothed = SmoothedClassifier(Scripted(script), ConstantSigma(0.5), num_classes=3)
+        assert smoothed.predict(torch.zeros(1, 4), len(script), alpha, batch_size=64).tolist() == [expected]
+
+
 def brute_force_mean(queries, train, k):
     """Mean float64 distance to the k nearest of KnnSigma's fixed set {mu + fl32(x_i - mu)}, mu the float64 mean."""
     mu = train.astype(np.float64).mean(0)

@@ -189,6 +189,57 @@ def test_second_writer_is_locked_out(tmp_path):
         assert again.done == set()
 
 
+OPEN_LOG = textwrap.dedent(
+    """
+    import json, sys
+    if sys.argv[3] == "no-fcntl":
+        sys.modules["fcntl"] = None  # as on a platform without fcntl: import fcntl fails
+    from lightning_idrs.tsv_log import CertifyLog
+    settings = json.loads(sys.argv[2])
+    try:
+        log = CertifyLog(sys.argv[1], settings)
+    except RuntimeError as error:
+        print("refused:", error)
+    else:
+        with log:
+            if sys.argv[3] == "no-fcntl":  # the lock holds within this process too
+                try:
+                    CertifyLog(sys.argv[1], settings)
+                except RuntimeError as error:
+                    print("second refused:", error)
+            log.append([(7, 1, 1, 0.5, 1, 0.25, 0.9, 0.1, 1000)])
+        print("wrote")
+    """
+)
+
+
+def _open_log_in_subprocess(out, mode):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", OPEN_LOG, str(out), json.dumps(SETTINGS), mode],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_another_process_is_locked_out_until_the_holder_closes(tmp_path):
+    with CertifyLog(tmp_path, SETTINGS):
+        out = _open_log_in_subprocess(tmp_path, "plain")
+        assert out.strip() == f"refused: the certification output directory {tmp_path} is in use by another process"
+        assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == []  # the refused process wrote nothing
+    assert _open_log_in_subprocess(tmp_path, "plain").strip() == "wrote"
+    assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == [7]
+
+
+def test_locking_works_without_fcntl(tmp_path):
+    # filelock picks another mechanism where fcntl does not exist: still one writer at a time
+    out = _open_log_in_subprocess(tmp_path, "no-fcntl").splitlines()
+    assert out == [f"second refused: the certification output directory {tmp_path} is in use by another process",
+                   "wrote"]
+    assert read_tsv(tmp_path / TSV_NAME)["idx"].tolist() == [7]
+    with CertifyLog(tmp_path, SETTINGS) as again:  # and it was released
+        assert again.done == {7}
+
+
 # ------------------------------------------------------------------------------------------
 # a real kill -9
 # ------------------------------------------------------------------------------------------

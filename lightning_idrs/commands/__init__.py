@@ -4,6 +4,7 @@
 * ``certify``: certify a checkpoint on a data split (:mod:`.certify`);
 * ``thresholds``: the curse-of-dimensionality table of sigma1/sigma0 (:mod:`.thresholds`);
 * ``dashboard``: a W&B workspace of the runs' panels (:mod:`.dashboard`).
+* ``doctor``: checks the installation, ``--gpu`` the GPU path (:mod:`.doctor`).
 
 Every command reports bad input (:class:`~lightning_idrs.validation.UsageError`, or an option that
 does not parse) as one ``error: ...`` line on stderr and exit code 2.
@@ -22,6 +23,7 @@ COMMANDS = {
     "certify": "certify a checkpoint: certified radius per point, summary, curve",
     "thresholds": "the curse-of-dimensionality thresholds of sigma1/sigma0 (Thm. 2.4)",
     "dashboard": "a W&B workspace (curves per run and epoch, class-wise, RS vs IDRS) for a project",
+    "doctor": "check the installation (versions, faiss, kNN, certify); --gpu: the GPU path too",
 }
 USAGE = "usage: python -m lightning_idrs COMMAND [options]\n\ncommands:\n" + "".join(
     f"  {name:<12} {text}\n" for name, text in COMMANDS.items()
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
         from lightning_idrs.commands.certify import main as command_main
     elif command == "dashboard":
         from lightning_idrs.commands.dashboard import main as command_main
+    elif command == "doctor":
+        from lightning_idrs.commands.doctor import main as command_main
     else:
         from lightning_idrs.commands.trainer import main as command_main
 

@@ -169,6 +169,8 @@ class IDRSCLI(LightningCLI):
             model.attach_data(datamodule)
         except DataNotFoundError as error:
             raise UsageError(one_line(error)) from None
+        except UsageError:  # already says what is wrong (e.g. no faiss installed)
+            raise
         except ValueError as error:
             raise UsageError(f"the model and the data do not fit together: {one_line(error)}") from None
         if self.subcommand == "fit":
