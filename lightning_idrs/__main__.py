@@ -1,4 +1,4 @@
-"""Entry point: ``python -m lightning_idrs {fit,validate,test,certify,thresholds} ...``."""
+"""Entry point: ``python -m lightning_idrs {fit,validate,test,certify,thresholds,doctor} ...``."""
 import sys
 
 from lightning_idrs.commands import main

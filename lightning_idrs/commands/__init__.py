@@ -1,4 +1,4 @@
-"""The commands: ``python -m lightning_idrs {fit,validate,test,certify,thresholds} ...``.
+"""The commands: ``python -m lightning_idrs {fit,validate,test,certify,thresholds,doctor} ...``.
 
 * ``fit`` / ``validate`` / ``test``: LightningCLI over the training module (:mod:`.trainer`);
 * ``certify``: certify a checkpoint on a data split (:mod:`.certify`);
