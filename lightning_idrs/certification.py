@@ -300,10 +300,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
     from lightning_idrs.launching import collective
     from lightning_idrs.sharding import certify_sharded
 
-    written = 0
-    bar = tqdm(total=total, initial=total - sum(len(idx) for _, idx in todo), unit="pt", desc="certify",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr,
-               disable=fabric.global_rank != 0)
+    written, bar = 0, None
     try:
         with collective("certification stopped"):
             for rows in certify_sharded(smoothed, dataset, todo, opts, fabric.device, fabric.global_rank,
@@ -313,9 +310,14 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
                         written += log.append([row for row in rows.tolist() if int(row[0]) not in log.done])
                     except OSError as error:
                         raise _storage_error(log.out_dir, error) from None
+                if bar is None:  # after the first round: an error before it stays one line
+                    bar = tqdm(total=total, initial=total - sum(len(idx) for _, idx in todo), unit="pt",
+                               desc="certify", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0,
+                               file=sys.stderr, disable=fabric.global_rank != 0)
                 bar.update(len(rows))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return written
 
 

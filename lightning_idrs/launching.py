@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from lightning_idrs.validation import UsageError, one_line
 
 __all__ = ["PeerLostError", "agree", "collective", "launch", "is_rank_zero", "started_processes",
            "terminate_as_interrupt"]
+
+
+_RANK = None  # this process's global rank once launched (the process group may be gone when it is asked)
 
 
 class PeerLostError(RuntimeError):
@@ -86,6 +90,8 @@ def launch(opts):
         raise UsageError(f"cannot start {opts.devices} process(es) x {opts.num_nodes} node(s) here: {one_line(error)}"
                          + (f" (--certify.devices must match the tasks per node {launcher} started)" if launcher
                             else "")) from None
+    global _RANK
+    _RANK = fabric.global_rank
     return fabric
 
 
@@ -97,7 +103,8 @@ def collective(what: str):
     except PeerLostError:
         raise
     except RuntimeError as error:  # torch.distributed.DistError and gloo's / NCCL's RuntimeErrors
-        raise PeerLostError(f"{what}: another process of the job stopped ({one_line(error)[:120]})") from None
+        reason = re.sub(r"\[[^\]]*\]\s*", "", one_line(error)).split(". ")[0][:80]  # gloo: "[file:line] text"
+        raise PeerLostError(f"{what}: another process of the job stopped ({reason})") from None
 
 
 def agree(fabric, identity: dict) -> None:
@@ -137,6 +144,8 @@ def terminate_as_interrupt():
 
 def is_rank_zero() -> bool:
     """Whether this process speaks for the job (rank 0, or not distributed)."""
+    if _RANK is not None:
+        return _RANK == 0
     torch = sys.modules.get("torch")
     dist = getattr(torch, "distributed", None) if torch else None
     if dist is not None and dist.is_available() and dist.is_initialized():

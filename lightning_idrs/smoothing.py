@@ -207,6 +207,9 @@ class SmoothedClassifier:
         alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
         r = float(self.sigma.semi_elasticity)  # raises if the sigma function cannot be certified
+        if not (0.0 <= r < math.inf):
+            raise UsageError(f"the semi_elasticity of {type(self.sigma).__name__} must be a finite number >= 0, got {r}; "
+                             "fix the sigma function")
         computed = self._sigmas(x)
         sigma = computed.to(x.dtype)  # the level the noise multiplies: the certificate is about this one
         guess = self._sample_counts(x, sigma, n0, batch_size, generator, phase=0).argmax(dim=1)
@@ -283,8 +286,11 @@ class SmoothedClassifier:
         sigma = torch.as_tensor(self.sigma(x), device=x.device).reshape(-1)
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma(x) must give one value per input: {sigma.shape[0]} for {x.shape[0]}")
-        if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
-            raise ValueError("sigma(x) must be finite and > 0 for every input")
+        bad = ~(torch.isfinite(sigma) & (sigma > 0))
+        if bad.any():  # a user's sigma function: no certificate (nor noise) from such a level
+            values = sorted({str(float(v)) for v in sigma[bad][:100].tolist()})[:5]
+            raise UsageError(f"sigma(x) must be finite and > 0 for every input, but {type(self.sigma).__name__} gave "
+                             f"{', '.join(map(str, values))} for {int(bad.sum())} input(s); fix the sigma function")
         return sigma
 
     def _log_slack(self, computed: torch.Tensor, used: torch.Tensor, r: float) -> np.ndarray:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning_idrs.certification import CertifyOptions, WandbOptions
@@ -31,16 +32,34 @@ FIT_SECTIONS = ("seed_everything", "trainer", "model", "optimizer", "lr_schedule
 def _config_action():
     from jsonargparse import ActionConfigFile
 
-    from lightning_idrs.commands.trainer import packaged_config
+    from lightning_idrs.commands.trainer import CONFIGS, packaged_config
 
     class PackagedConfig(ActionConfigFile):
         """ActionConfigFile that also takes the name of a packaged config (digits, mnist, cifar10, rs)."""
 
         def __call__(self, parser, cfg, values, option_string=None):
-            super().__call__(parser, cfg, packaged_config(values) if isinstance(values, str) else values,
-                             option_string)
+            if isinstance(values, str):
+                values = packaged_config(values)
+                if not Path(values).is_file() and not any(c in values for c in ":{\n"):  # not a YAML mapping
+                    raise UsageError(f"--config: no such file: {values} (a path, a YAML string, or one of the "
+                                     f"packaged configs {', '.join(sorted(p.stem for p in CONFIGS.glob('*.yaml')))})")
+                if Path(values).is_file():
+                    _check_mapping(values)
+            super().__call__(parser, cfg, values, option_string)
 
     return PackagedConfig
+
+
+def _check_mapping(path: str) -> None:
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        raise UsageError(f"--config {path} is not a readable YAML file: {' '.join(str(error).split())[:200]}") from None
+    if not isinstance(config, (dict, type(None))):
+        raise UsageError(f"--config {path} must hold a YAML mapping (ckpt_path:, data:, certify:, wandb:), "
+                         f"got a {type(config).__name__}")
 
 
 def _field_help(cls) -> dict:
