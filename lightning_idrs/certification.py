@@ -157,7 +157,8 @@ def _compare_columns(path: Optional[str]):
     try:
         columns = read_tsv(path)
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        reason = one_line(error).split(". This is not a certify.tsv")[0]
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+        reason = reason.split(". This is not a certify.tsv")[0].replace(f"{path}: ", "")
         raise UsageError(f"--certify.compare {path} is not a certify.tsv of this version ({reason}); name the "
                          "certify.tsv of another certify run") from None
     if len(columns["idx"]) == 0:

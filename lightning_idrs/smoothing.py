@@ -316,18 +316,21 @@ class SmoothedClassifier:
         The B * num noisy samples are enumerated input-major and cut into chunks of ``batch_size``, so
         a small model always sees full batches. eps comes from ``generator``: a :class:`PointNoise`
         (streams per input, ``phase`` names the sampling phase) or one torch.Generator (or None) for all.
-        Non-finite logits are caught once per call on each input's float64 sum of its logits (finite
-        iff every logit is; float32 logits cannot overflow it), not per batch.
+        Per batch only the argmax and the float64 sum of each row's logits are stored (finite iff every
+        logit of the row is; float32 logits cannot overflow it); counting and the non-finite check run
+        once per call, on the stored values: no host sync and no scatter per batch.
         """
         base = self.base_classifier
         was_training = getattr(base, "training", False)
         if isinstance(base, nn.Module):
             base.eval()
         try:
-            counts = torch.zeros(x.shape[0] * self.num_classes, dtype=torch.long, device=x.device)
-            checksum = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            total = x.shape[0] * num
+            predictions = torch.empty(total, dtype=torch.long, device=x.device)
+            row_sums = torch.empty(total, dtype=torch.float64, device=x.device)
             batches = (generator.batches(x, num, batch_size, phase) if isinstance(generator, PointNoise)
                        else _shared_noise(x, num, batch_size, generator))
+            start = 0
             for owner, eps in batches:
                 noisy = x[owner] + sigma[owner].reshape(-1, *([1] * (x.dim() - 1))) * eps
                 with self.forward_context():
@@ -335,13 +338,18 @@ class SmoothedClassifier:
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                     raise ValueError(f"the base classifier returns logits of shape {tuple(logits.shape)}; expected "
                                      f"[{len(owner)}, {self.num_classes}] (num_classes={self.num_classes})")
-                checksum.index_add_(0, owner, logits.sum(dim=1, dtype=torch.float64))
-                counts.index_add_(0, owner * self.num_classes + logits.argmax(dim=1), torch.ones_like(owner))
-            broken = ~torch.isfinite(checksum)
-            if broken.any():  # one check per call: no host sync per batch
+                end = start + len(owner)
+                torch.argmax(logits, dim=1, out=predictions[start:end])
+                torch.sum(logits, dim=1, dtype=torch.float64, out=row_sums[start:end])
+                start = end
+            owners = torch.arange(total, device=x.device) // num
+            broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            broken[owners[~torch.isfinite(row_sums)]] = True
+            if broken.any():  # one check per call
                 positions = broken.nonzero().flatten().tolist()
                 raise BrokenModelError(f"the base classifier returned NaN or inf logits for input(s) {positions[:10]} "
                                        "of the batch: its weights are broken, no certificate is issued", positions)
+            counts = torch.bincount(owners * self.num_classes + predictions, minlength=x.shape[0] * self.num_classes)
             return counts.reshape(x.shape[0], self.num_classes)
         finally:
             if isinstance(base, nn.Module):
