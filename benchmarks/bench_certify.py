@@ -3,6 +3,7 @@
     python benchmarks/bench_certify.py --quick          # under 5 minutes on 2 CPU cores
     python benchmarks/bench_certify.py                  # larger n
     python benchmarks/bench_certify.py --device cuda --arch resnet110 --n 100000 --points 10 --gpu-only
+    python benchmarks/bench_certify.py --mlp-only       # the per-batch overhead on the 64-256-256-10 MLP
 
 Prints ratios from one run (targets: certify / floor <= 1.10; per-point loop / ours >= 1.3 on CPU;
 start-up < 15 s); see benchmarks/README.md for recorded figures and the machine.
@@ -198,6 +199,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small n, under 5 minutes on 2 CPU cores")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-only", action="store_true", help="only the model benchmark (for a GPU machine)")
+    parser.add_argument("--mlp-only", action="store_true", help="only the per-batch overhead on the digits MLP")
     parser.add_argument("--arch", default="resnet20", help="the CIFAR model for the floor comparison")
     parser.add_argument("--n", type=int, default=None, help="estimation samples for the CIFAR model")
     parser.add_argument("--points", type=int, default=None)
@@ -205,6 +207,13 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""), flush=True)
     quick = args.quick
+    # a small model: the forward pass is cheap, so the per-batch bookkeeping (noise streams, counts,
+    # the non-finite check) shows most here
+    for points in (20, 100):
+        compare_with_floor("digits mlp 64-256-256-10 (random weights, 1x8x8)", "mlp", (1, 8, 8), points, 100, 10_000,
+                           1000, args.device)
+    if args.mlp_only:
+        return
     # CIFAR ResNets run fastest per sample at about 100 samples per batch on CPU (their activations stay in
     # cache; bench_layout.py); GPUs want large batches
     cifar_batch = 100 if args.device == "cpu" else 1000

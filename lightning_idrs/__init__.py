@@ -11,6 +11,8 @@ The public API, by concept (one module each; docs/layout.md says where to change
                                                                            -- ``lightning_idrs.sharding``
 * training: ``IDRSClassifier`` (``lightning_idrs.module``), the datamodules (``lightning_idrs.data``),
   ``CertificationCallback`` (``lightning_idrs.callbacks``)
+* the certify job as a function (the ``certify`` command's power): ``certify`` -> ``CertifyResult``
+                                                                           -- ``lightning_idrs.certification``
 * checkpoints: ``load_checkpoint``                                         -- ``lightning_idrs.checkpoint``
 * results: ``certified_accuracy``, ``summarize`` (NumPy, ``lightning_idrs.statistics``),
   ``CertifiedAccuracy`` (torchmetrics, ``lightning_idrs.metric``), ``CertifyLog`` / ``read_tsv``
@@ -36,6 +38,10 @@ _EXPORTS = {
     "SmoothedClassifier": "smoothing",
     "CertifySettings": "sharding",
     "certify_chunks": "sharding",
+    "certify": "certification",
+    "CertifyOptions": "certification",
+    "CertifyResult": "certification",
+    "PointNoise": "smoothing",
     "IDRSClassifier": "module",
     "DigitsDataModule": "data",
     "MNISTDataModule": "data",

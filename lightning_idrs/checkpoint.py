@@ -90,7 +90,10 @@ def _check_weights(checkpoint: dict, path) -> None:
         raise UsageError(f"{path} has NaN or inf weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}):"
                          " the run diverged; use a checkpoint saved before it did")
     expected = checkpoint[CHECKPOINT_KEY].get("weights_sha256")
-    if expected is not None and state_dict_sha256(state) != expected:
+    if expected is None:  # without it a damaged or edited file would be certified as if intact
+        raise UsageError(f"{path} records no digest of its weights (not written by `fit` of lightning_idrs 0.2+, or "
+                         "edited), so its weights cannot be checked; certify a checkpoint that `fit` wrote")
+    if state_dict_sha256(state) != expected:
         raise UsageError(f"checkpoint is corrupt: the weights in {path} differ from the digest recorded when it was "
                          "saved (a damaged or edited file); use an intact copy")
 
@@ -110,13 +113,61 @@ def _build_model(checkpoint: dict, path) -> IDRSClassifier:
     if hparams.get("sigma") is None:
         raise UsageError(f"{path} does not record how to build its sigma function (it was built in Python from "
                          "arguments a config cannot name); build IDRSClassifier(sigma=...) yourself and load_state_dict")
+    _sigma_class(hparams["sigma"], path)
     try:
         model = instantiate_module(IDRSClassifier, hparams)
+    except (Exception, SystemExit) as error:  # jsonargparse reports bad arguments by exiting
+        raise UsageError(f"cannot build the model of {path} from its hyper-parameters: {one_line(error)[:300]}") from None
+    try:
         model.load_state_dict(checkpoint["state_dict"])
-    except (Exception, SystemExit) as error:  # jsonargparse reports unknown classes by exiting
-        raise UsageError(f"cannot build the model of {path}: {one_line(error)[:300]} (a sigma class of your own "
-                         "must be importable, e.g. on PYTHONPATH)") from None
+    except RuntimeError as error:
+        raise UsageError(f"the weights of {path} do not fit its model: {one_line(error)[:300]}") from None
     return model
+
+
+def _sigma_class(config, path) -> type:
+    """The sigma class a checkpoint names, importable and a Sigma, or a line saying which it is not."""
+    from lightning_idrs.sigma import Sigma
+
+    class_path = config.get("class_path", "") if isinstance(config, dict) else str(config)
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except ModuleNotFoundError as error:
+        raise UsageError(f"the sigma class {class_path} of {path} cannot be imported: there is no module "
+                         f"{error.name!r} (make the module of your sigma class importable, e.g. on PYTHONPATH)") from None
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UsageError(f"the sigma class {class_path} of {path} cannot be imported: {one_line(error)}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Sigma)):
+        raise UsageError(f"{class_path} (the sigma of {path}) is not a sigma function: it must subclass "
+                         "lightning_idrs.sigma.Sigma")
+    return cls
+
+
+def check_sigma_record(model: IDRSClassifier, metadata: dict, path) -> None:
+    """Refuse a sigma that is not the one the checkpoint was trained and recorded with: another class,
+    other parameters or another semi-elasticity make another smoothed classifier (and other radii)."""
+    recorded, now = metadata.get("sigma"), model.hparams.sigma
+    if recorded is not None and recorded != now:
+        raise UsageError(f"{path}: its sigma hyper-parameters ({now}) differ from the sigma it recorded at save time "
+                         f"({recorded}); the file was edited: use the checkpoint `fit` wrote")
+    cls = f"{type(model.sigma).__module__}.{type(model.sigma).__qualname__}"
+    if isinstance(recorded, dict) and recorded.get("class_path") not in (cls, None) and \
+            _sigma_class(recorded, path) is not type(model.sigma):
+        raise UsageError(f"{path} was trained with the sigma class {recorded.get('class_path')}, now built as {cls}")
+    if "semi_elasticity" not in metadata:
+        return
+    try:
+        r = float(model.sigma.semi_elasticity)
+    except ValueError:
+        r = None
+    if r is not None and not (r >= 0 and r < float("inf")):
+        raise UsageError(f"the sigma class {cls} reports semi_elasticity {r}: it must be a finite number >= 0; "
+                         "fix the sigma class")
+    if r != metadata["semi_elasticity"]:
+        raise UsageError(f"the sigma class {cls} now reports semi_elasticity {r}, but {path} recorded "
+                         f"{metadata['semi_elasticity']} when it was trained: the class changed since `fit`, so this "
+                         "would be another smoothed classifier; restore the class, or train again")
 
 
 def _datamodule_class(class_path: str) -> type:
@@ -175,4 +226,5 @@ def load_checkpoint(path, device="cpu", data: Optional[dict] = None,
         raise UsageError(one_line(error)) from None
     except ValueError as error:
         raise UsageError(f"checkpoint and data do not match: {one_line(error)}") from None
+    check_sigma_record(model, checkpoint[CHECKPOINT_KEY], path)
     return LoadedCheckpoint(str(path), sha256, model.eval(), datamodule, dict(checkpoint[CHECKPOINT_KEY]))

@@ -1,8 +1,9 @@
-"""Certifying the points of a data set: fixed chunks, noise seeded per chunk, shared out over processes.
+"""Certifying the points of a data set: chunks of points, noise seeded per point, shared out over processes.
 
-* :func:`plan_chunks` cuts the selected points into fixed chunks; chunk c draws its noise from a
-  generator seeded with (seed, c) (:func:`chunk_seed`), so a result depends only on the point, its
-  chunk and the seed: not on which process certifies it, nor on interruptions.
+* The noise of a point is a function of (seed, the point's index in the data set) only
+  (:class:`~lightning_idrs.smoothing.PointNoise`), so its row does not depend on skip, max, the
+  chunking, the batch size, interruptions or the process that certifies it.
+* :func:`plan_chunks` cuts the selected points into chunks certified together in one vectorised call.
 * :func:`certify_chunks` runs :class:`~lightning_idrs.smoothing.SmoothedClassifier` chunk by chunk.
 * :func:`certify_sharded` shares the chunks out over the ranks of a distributed job and gathers the
   rows after each round: the ``certify`` command (Lightning Fabric) and the certification Callback
@@ -15,25 +16,25 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from lightning_idrs.smoothing import BrokenModelError, Certificates, SmoothedClassifier
+from lightning_idrs.smoothing import BrokenModelError, Certificates, PointNoise, SmoothedClassifier
 from lightning_idrs.tsv_log import TSV_HEADER
 from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
-__all__ = ["CertifySettings", "CertifiedChunk", "ROW_FIELDS", "certify_chunks", "certify_sharded", "chunk_seed",
+__all__ = ["CertifySettings", "CertifiedChunk", "ROW_FIELDS", "ROW_SETTINGS", "certify_chunks", "certify_sharded",
            "plan_chunks"]
 
 
 @dataclass
 class CertifySettings:
-    """How each point is certified: Cohen et al.'s CERTIFY and the noise stream (rows depend on all of it).
+    """How each point is certified: Cohen et al.'s CERTIFY, the noise seed and how the work is cut.
 
     Args:
         n0: noise samples to select the top class (Cohen et al.: 100).
         n: noise samples to estimate pA (Cohen et al.: 100,000).
         alpha: failure probability of each certificate, in (0, 1) (Cohen et al.: 0.001).
-        batch_size: noisy samples per forward pass (part of the noise stream: a rerun must keep it).
-        seed: seed of the noise; chunk c uses a generator seeded from (seed, c).
-        points_per_chunk: consecutive points certified together in one vectorised call.
+        batch_size: noisy samples per forward pass (speed only: the noise of a point does not depend on it).
+        seed: seed of the noise; a point's noise is a function of (seed, its index in the data set).
+        points_per_chunk: points certified together in one vectorised call (speed only).
         sequential: draw the estimation samples in stages and stop each point once its outcome on the
             radius grid is decided (needs a grid; docs/math.md, "Sequential certification").
     """
@@ -54,13 +55,12 @@ class CertifySettings:
             raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """A 63-bit generator seed for chunk ``chunk`` of a run with ``seed`` (independent streams)."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+#: The settings of :class:`CertifySettings` that determine the rows (batch size and chunking do not).
+ROW_SETTINGS = ("n0", "n", "alpha", "seed", "sequential")
 
 
 def plan_chunks(indices, points_per_chunk: int) -> list:
-    """``[(c, indices[c*size:(c+1)*size])]``: the fixed chunks that :func:`certify_chunks` seeds by c."""
+    """``[(c, indices[c*size:(c+1)*size])]``: the points certified together, ``points_per_chunk`` at a time."""
     indices = np.asarray(indices, dtype=np.int64)
     return [(c, indices[i:i + points_per_chunk]) for c, i in enumerate(range(0, len(indices), points_per_chunk))]
 
@@ -89,8 +89,9 @@ class CertifiedChunk:
 
 def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, settings: CertifySettings,
                    device, radii=None) -> Iterator[CertifiedChunk]:
-    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``;
-    sequentially on the grid ``radii`` when ``settings.sequential``."""
+    """CERTIFY the points of each chunk ``(c, indices)`` of ``dataset`` (items ``(x, y, ...)``) on ``device``,
+    each with the noise of (``settings.seed``, its index); sequentially on the grid ``radii`` when
+    ``settings.sequential``."""
     if settings.sequential and radii is None:
         raise UsageError("sequential certification needs a radius grid (e.g. --certify.radii 0.25,0.5,0.75,1.0)")
     device = torch.device(device)
@@ -98,12 +99,12 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
         items = [dataset[int(i)] for i in indices]
         x = torch.stack([item[0] for item in items]).to(device)
         labels = np.asarray([int(item[1]) for item in items], dtype=np.int64)
-        generator = torch.Generator(device=device).manual_seed(chunk_seed(settings.seed, c))
+        noise = PointNoise(settings.seed, indices)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
                 certificates = smoothed.certify(x, settings.n0, settings.n, settings.alpha, settings.batch_size,
-                                                generator, radii if settings.sequential else None)
+                                                noise, radii if settings.sequential else None)
         except BrokenModelError as error:  # name the data set's points, not positions in the chunk
             points = [int(indices[p]) for p in error.positions]
             raise BrokenModelError(f"the base classifier returned NaN or inf logits on noisy copies of data set "

@@ -3,8 +3,9 @@
 g(x) = argmax_c P(f(x + sigma(x) * eps) = c), eps ~ N(0, I): one sigma per input, the same for all
 of its noise samples (docs/math.md). With a constant sigma this is Cohen et al.'s RS.
 
-* :func:`add_noise` draws x + sigma(x) * eps: the one noise path of training, validation and
-  certification.
+* :func:`add_noise` draws x + sigma(x) * eps: the noise of training and validation.
+* :class:`PointNoise`: certification's noise, a function of (seed, the point's index in the data set)
+  only, so the rows of a data set do not depend on which points share a batch, a chunk or a process.
 * :class:`SmoothedClassifier` runs CERTIFY / PREDICT on a batch of inputs at once.
 * :func:`use_channels_last` stores a convolutional base classifier's weights channels-last, the
   layout in which its forward passes run fastest on CPU (benchmarks/README.md).
@@ -23,11 +24,12 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
-from lightning_idrs.validation import OpenUnitInterval, PositiveInt, UsageError, check
+from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
 ABSTAIN = -1
 
-__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "PROJECTION_LEVEL", "SmoothedClassifier", "add_noise",
+__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "NOISE_BLOCK", "NOISE_VERSION", "PROJECTION_LEVEL",
+           "PointNoise", "SmoothedClassifier", "add_noise",
            "clopper_pearson_lower", "clopper_pearson_upper", "sequential_schedule", "use_channels_last"]
 
 
@@ -43,6 +45,60 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Ge
     """x + sigma_i * eps_i with eps_i ~ N(0, I): one noise level per input of the batch ``x`` [B, ...]."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return x + sigma.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) * noise
+
+
+#: Name of the way :class:`PointNoise` derives the noise; recorded with the rows (a folder written
+#: with another version cannot be extended: its rows came from other noise).
+NOISE_VERSION = "point-seeded-v2"
+#: Noise samples drawn from one seeded generator: block b of phase p of a point is seeded from
+#: (seed, point, p) and b, whatever the forward batch size.
+NOISE_BLOCK = 1000
+
+
+class PointNoise:
+    """The noise of certification: input i's samples come from its own streams, keyed by ``keys[i]``
+    (its index in the data set) and ``seed``, so they are the same however the inputs are batched.
+
+    Each sampling phase of an input (selection, estimation, or a stage of sequential estimation) is
+    cut into blocks of :data:`NOISE_BLOCK` samples; block b is drawn by a generator seeded with the
+    b-th state of ``numpy.random.SeedSequence([seed, key, phase])`` (independent streams).
+    """
+
+    def __init__(self, seed: int, keys):
+        self.seed = check(NonNegativeInt, seed, "seed")
+        self.keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        if (self.keys < 0).any():
+            raise ValueError("PointNoise keys must be >= 0 (indices in the data set)")
+
+    def subset(self, rows) -> "PointNoise":
+        return PointNoise(self.seed, self.keys[np.asarray(rows)])
+
+    def batches(self, x: torch.Tensor, num: int, batch_size: int, phase: int):
+        """(owner, eps) per forward batch: ``num`` samples of each input of ``x``, input-major, cut into
+        batches of ``batch_size``; eps [batch, *x.shape[1:]] is the standard normal noise."""
+        if len(self.keys) != len(x):
+            raise ValueError(f"PointNoise has {len(self.keys)} keys for {len(x)} inputs")
+        generator, block, cached = torch.Generator(device=x.device), None, None
+        seeds = {}
+        total = len(x) * num
+        for start in range(0, total, batch_size):
+            end, pieces, pos = min(start + batch_size, total), [], start
+            while pos < end:
+                i, j = divmod(pos, num)
+                b, offset = divmod(j, NOISE_BLOCK)
+                if block != (i, b):
+                    if i not in seeds:
+                        seeds = {i: np.random.SeedSequence([self.seed, int(self.keys[i]), phase]).generate_state(
+                            -(-num // NOISE_BLOCK), np.uint64) >> np.uint64(1)}
+                    generator.manual_seed(int(seeds[i][b]))
+                    size = min(NOISE_BLOCK, num - b * NOISE_BLOCK)
+                    block, cached = (i, b), torch.randn((size, *x.shape[1:]), generator=generator,
+                                                        device=x.device, dtype=x.dtype)
+                take = min(end - pos, len(cached) - offset)
+                pieces.append(cached[offset:offset + take])
+                pos += take
+            owner = torch.arange(start, end, device=x.device) // num
+            yield owner, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def use_channels_last(model: nn.Module, input_shape, device) -> bool:
@@ -151,16 +207,19 @@ class SmoothedClassifier:
         alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
         r = float(self.sigma.semi_elasticity)  # raises if the sigma function cannot be certified
+        if not (0.0 <= r < math.inf):
+            raise UsageError(f"the semi_elasticity of {type(self.sigma).__name__} must be a finite number >= 0, got {r}; "
+                             "fix the sigma function")
         computed = self._sigmas(x)
         sigma = computed.to(x.dtype)  # the level the noise multiplies: the certificate is about this one
-        guess = self._sample_counts(x, sigma, n0, batch_size, generator).argmax(dim=1)
+        guess = self._sample_counts(x, sigma, n0, batch_size, generator, phase=0).argmax(dim=1)
         sigma_np, slack, dim = sigma.double().cpu().numpy(), self._log_slack(computed, sigma, r), math.prod(x.shape[1:])
 
         def radius_of(p_a_lower, rows):
             return certified_radius(p_a_lower, sigma_np[rows], r, dim if r > 0 else None, slack[rows])
 
         if radii is None:
-            counts = self._sample_counts(x, sigma, n, batch_size, generator)
+            counts = self._sample_counts(x, sigma, n, batch_size, generator, phase=1)
             p_a_lower = clopper_pearson_lower(counts.gather(1, guess[:, None])[:, 0].cpu().numpy(), n, alpha)
             samples = np.full(len(x), n)
         else:
@@ -183,9 +242,10 @@ class SmoothedClassifier:
 
         hits, samples, p_a_lower = np.zeros(len(x)), np.zeros(len(x), dtype=np.int64), np.zeros(len(x))
         active, drawn = np.arange(len(x)), 0
-        for total in schedule:
+        for stage, total in enumerate(schedule):
             rows = torch.as_tensor(active, device=x.device)
-            counts = self._sample_counts(x[rows], sigma[rows], total - drawn, batch_size, generator)
+            noise = generator.subset(active) if isinstance(generator, PointNoise) else generator
+            counts = self._sample_counts(x[rows], sigma[rows], total - drawn, batch_size, noise, phase=2 + stage)
             hits[active] += counts.gather(1, guess[rows][:, None])[:, 0].cpu().numpy()
             drawn, samples[active] = total, total
             p_a_lower[active] = clopper_pearson_lower(hits[active], total, level)
@@ -204,7 +264,7 @@ class SmoothedClassifier:
         n, batch_size = check(PositiveInt, n, "n"), check(PositiveInt, batch_size, "batch_size")
         alpha = check(OpenUnitInterval, alpha, "alpha")
         x = self._check_inputs(x)
-        counts = self._sample_counts(x, self._sigmas(x), n, batch_size, generator)
+        counts = self._sample_counts(x, self._sigmas(x), n, batch_size, generator, phase=1)
         top2 = counts.topk(min(2, self.num_classes), dim=1)
         n_a = top2.values[:, 0].cpu().numpy()
         n_b = top2.values[:, 1].cpu().numpy() if self.num_classes > 1 else np.zeros_like(n_a)
@@ -228,8 +288,11 @@ class SmoothedClassifier:
         sigma = torch.as_tensor(self.sigma(x), device=x.device).reshape(-1)
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma(x) must give one value per input: {sigma.shape[0]} for {x.shape[0]}")
-        if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
-            raise ValueError("sigma(x) must be finite and > 0 for every input")
+        bad = ~(torch.isfinite(sigma) & (sigma > 0))
+        if bad.any():  # a user's sigma function: no certificate (nor noise) from such a level
+            values = sorted({str(float(v)) for v in sigma[bad][:100].tolist()})[:5]
+            raise UsageError(f"sigma(x) must be finite and > 0 for every input, but {type(self.sigma).__name__} gave "
+                             f"{', '.join(map(str, values))} for {int(bad.sum())} input(s); fix the sigma function")
         return sigma
 
     def _log_slack(self, computed: torch.Tensor, used: torch.Tensor, r: float) -> np.ndarray:
@@ -249,36 +312,55 @@ class SmoothedClassifier:
         return 2.0 * (rounding + error.double().cpu().numpy())
 
     @torch.inference_mode()
-    def _sample_counts(self, x, sigma, num: int, batch_size: int, generator) -> torch.Tensor:
+    def _sample_counts(self, x, sigma, num: int, batch_size: int, generator, phase: int = 0) -> torch.Tensor:
         """counts[i, c] = #{j < num : f(x_i + sigma_i * eps_ij) = c}, in batches that mix inputs.
 
-        The B * num noisy samples are enumerated input-major and cut into chunks of
-        ``batch_size``, so a small model always sees full batches, whatever B and num are.
+        The B * num noisy samples are enumerated input-major and cut into chunks of ``batch_size``, so
+        a small model always sees full batches. eps comes from ``generator``: a :class:`PointNoise`
+        (streams per input, ``phase`` names the sampling phase) or one torch.Generator (or None) for all.
+        Per batch only the argmax and the float64 sum of each row's logits are stored (finite iff every
+        logit of the row is; float32 logits cannot overflow it); counting and the non-finite check run
+        once per call, on the stored values: no host sync and no scatter per batch.
         """
         base = self.base_classifier
         was_training = getattr(base, "training", False)
         if isinstance(base, nn.Module):
             base.eval()
         try:
-            counts = torch.zeros(x.shape[0], self.num_classes, dtype=torch.long, device=x.device)
-            broken = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # non-finite logits per input
             total = x.shape[0] * num
-            for start in range(0, total, batch_size):
-                owner = torch.arange(start, min(start + batch_size, total), device=x.device) // num
-                noisy = add_noise(x[owner], sigma[owner], generator)
+            predictions = torch.empty(total, dtype=torch.long, device=x.device)
+            row_sums = torch.empty(total, dtype=torch.float64, device=x.device)
+            batches = (generator.batches(x, num, batch_size, phase) if isinstance(generator, PointNoise)
+                       else _shared_noise(x, num, batch_size, generator))
+            start = 0
+            for owner, eps in batches:
+                noisy = x[owner] + sigma[owner].reshape(-1, *([1] * (x.dim() - 1))) * eps
                 with self.forward_context():
                     logits = base(noisy)
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                     raise ValueError(f"the base classifier returns logits of shape {tuple(logits.shape)}; expected "
                                      f"[{len(owner)}, {self.num_classes}] (num_classes={self.num_classes})")
-                broken.index_add_(0, owner, (~torch.isfinite(logits).all(dim=1)).long())
-                predictions = logits.argmax(dim=1)
-                counts.index_put_((owner, predictions), torch.ones_like(predictions), accumulate=True)
-            if broken.any():  # one check per call: no host sync per batch
+                end = start + len(owner)
+                torch.argmax(logits, dim=1, out=predictions[start:end])
+                torch.sum(logits, dim=1, dtype=torch.float64, out=row_sums[start:end])
+                start = end
+            owners = torch.arange(total, device=x.device) // num
+            broken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+            broken[owners[~torch.isfinite(row_sums)]] = True
+            if broken.any():  # one check per call
                 positions = broken.nonzero().flatten().tolist()
                 raise BrokenModelError(f"the base classifier returned NaN or inf logits for input(s) {positions[:10]} "
                                        "of the batch: its weights are broken, no certificate is issued", positions)
-            return counts
+            counts = torch.bincount(owners * self.num_classes + predictions, minlength=x.shape[0] * self.num_classes)
+            return counts.reshape(x.shape[0], self.num_classes)
         finally:
             if isinstance(base, nn.Module):
                 base.train(was_training)
+
+
+def _shared_noise(x, num: int, batch_size: int, generator):
+    """(owner, eps) per forward batch, eps drawn from one generator for all inputs (the API without keys)."""
+    total = x.shape[0] * num
+    for start in range(0, total, batch_size):
+        owner = torch.arange(start, min(start + batch_size, total), device=x.device) // num
+        yield owner, torch.randn((len(owner), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)

@@ -26,6 +26,7 @@ __all__ = [
     "OpenUnitInterval",
     "PositiveFloat",
     "PositiveInt",
+    "RadiusList",
     "UsageError",
     "check",
     "one_line",
@@ -139,6 +140,29 @@ def _register(kind) -> None:
 for _kind in (PositiveInt, NonNegativeInt, FiniteFloat, PositiveFloat, NonNegativeFloat, OpenUnitInterval):
     _register(_kind)
 del _kind
+
+
+class RadiusList(list):
+    """A non-empty list of radii >= 0: ``0.25,0.5`` or ``[0.25, 0.5]`` on the command line, a list in YAML."""
+
+    rule = "a list of radii >= 0 such as 0.25,0.5,0.75,1.0"
+
+    @classmethod
+    def parse(cls, value) -> "RadiusList":
+        shown = value if isinstance(value, str) else repr(value)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"must be {cls.rule}, got {shown}")
+        try:
+            return cls(NonNegativeFloat(v) for v in value)
+        except ValueError:
+            raise ValueError(f"must be {cls.rule}, got {shown}") from None
+
+
+register_type(RadiusList, serializer=lambda value: [float(v) for v in value], deserializer=RadiusList.parse)
 
 
 def check(kind: type, value, name: str):

@@ -373,8 +373,11 @@ TORCHRUN_2 = {"TORCHELASTIC_RUN_ID": "none", "RANK": "0", "GROUP_RANK": "0", "LO
                      "them match"),
     (slurm_env(0), ["--certify.devices", "3"], "SLURM started 2 processes but --certify.devices x "
                                                "--certify.num_nodes = 3 x 1 = 3"),
-    (slurm_env(0, per_node=1), TWO_RANKS, "cannot start 2 process(es) x 1 node(s) here: You set `devices=2` in "
-                                          "Lightning, but the number of tasks per node configured in SLURM"),
+    (slurm_env(0, per_node=1), TWO_RANKS, "SLURM started 1 process(es) per node but --certify.devices is 2 (and "
+                                          "--certify.num_nodes 1); set --certify.devices 1 --certify.num_nodes 2"),
+    (dict(TORCHRUN_2), ["--certify.num_nodes", "2"], "torchrun started 2 process(es) per node but --certify.devices "
+                                                     "is 1 (and --certify.num_nodes 2); set --certify.devices 2 "
+                                                     "--certify.num_nodes 1"),
 ])
 def test_options_that_do_not_match_the_launcher_are_refused(env, flags, message, checkpoint, tmp_path, capsys,
                                                             monkeypatch):

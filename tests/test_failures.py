@@ -249,9 +249,11 @@ def test_certify_checks_compare_before_the_first_point(checkpoint, tmp_path, cap
     garbage.write_bytes(b"\x00\x01 not a tsv\n")
     out = tmp_path / "out"
     fails_cleanly(capsys, ["certify", "--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out),
-                           "--certify.compare", str(garbage)], f"--certify.compare {garbage}: ")
+                           "--certify.compare", str(garbage)],
+                  f"--certify.compare {garbage} is not a certify.tsv of this version (header mismatch")
     fails_cleanly(capsys, ["certify", "--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out),
-                           "--certify.compare", str(tmp_path)], f"--certify.compare {tmp_path}: ")
+                           "--certify.compare", str(tmp_path)],
+                  f"--certify.compare {tmp_path} is not a certify.tsv of this version (Is a directory)")
     assert not out.exists()
 
 

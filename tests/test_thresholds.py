@@ -55,3 +55,18 @@ def test_plot_writes_the_papers_figures(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["thresholds", "--plot", str(tmp_path / "afile")]) == 2
     assert capsys.readouterr().err.startswith("error: --plot ")
+
+
+def test_p_b_is_spelled_like_every_other_flag_and_tiny_values_stay_finite(capsys):
+    import warnings
+
+    assert main(["thresholds", "--dim", "64", "--p_b", "0.1"]) == 0
+    assert "N=64 (64)" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from the root finder
+        assert main(["thresholds", "--dim", "1", "10", "3072", "--p_b", "1e-300", "0.1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "nan" not in captured.out
+    line = next(l for l in captured.out.splitlines() if "(10)" in l)
+    lower, upper = (float(v) for v in re.findall(r"(\d+\.\d{3}) / (\d+\.\d{3})", line)[0])
+    assert lower == 0.0 and 12 < upper < 13  # the lower threshold underflows to 0 (it is below 2e-7)

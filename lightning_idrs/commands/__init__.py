@@ -7,7 +7,9 @@
 * ``doctor``: checks the installation, ``--gpu`` the GPU path (:mod:`.doctor`).
 
 Every command reports bad input (:class:`~lightning_idrs.validation.UsageError`, or an option that
-does not parse) as one ``error: ...`` line on stderr and exit code 2.
+does not parse) as one ``error: ...`` line on stderr and exit code 2. Ctrl-C exits 130 and SIGTERM
+143, after one line (from rank 0 of a distributed job) saying that a rerun resumes; a process of a
+distributed job whose peer died exits 1 with one line saying so.
 """
 from __future__ import annotations
 
@@ -69,15 +71,24 @@ def guarded(function, argv) -> int:
     """Run ``function(argv)``; bad input becomes one ``error:`` line and exit code 2."""
     from jsonargparse import ArgumentError
 
+    from lightning_idrs.launching import PeerLostError, is_rank_zero
+
     try:
         code = function(argv)
     except UsageError as error:
         message = one_line(error)
     except ArgumentError as error:
         message = describe_parse_error(error)
-    except KeyboardInterrupt:
-        print("interrupted: finished results are saved; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        terminated = str(interrupt) == "SIGTERM"
+        if is_rank_zero():  # once per job, not once per process
+            print(f"{'stopped by SIGTERM' if terminated else 'interrupted'}: finished results are saved; rerun the "
+                  "same command to resume", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
+    except PeerLostError as error:
+        print(f"error: {one_line(error)}; finished results are saved: rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 1
     except SystemExit as exit_:  # --help (0), or argparse already printed its error
         return exit_.code if isinstance(exit_.code, int) else 2
     else:
@@ -86,7 +97,23 @@ def guarded(function, argv) -> int:
     return 2
 
 
+def keep_matplotlib_out_of_home() -> None:
+    """Libraries (torchmetrics) import matplotlib before a command knows its output folder: its font
+    cache goes to a temporary folder of this process instead of ~/.cache and ~/.config (unless the
+    user set MPLCONFIGDIR). A command moves it into its output folder once it has one."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if "MPLCONFIGDIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="lightning_idrs-matplotlib-")
+        os.environ["MPLCONFIGDIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def main(argv=None) -> int:
+    keep_matplotlib_out_of_home()
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in (None, "-h", "--help"):

@@ -24,12 +24,25 @@ CURVE_RATIOS = (0.96, 0.98, 0.99, 1.0, 1.01, 1.02, 1.04)
 CURVE_RADII = np.linspace(0.0, 1.5, 61)
 
 
+def bounds(p_b, dim):
+    """:func:`sigma_ratio_bounds`, finite for any pB in (0, 1): where 2 log(pB) / N < -30 the lower root u
+    of log u + 1 - u = 2 log(pB) / N lies below e^-31, so 1 + t rounds to 0 in float64 and the solver
+    returns NaN; the threshold sqrt(u) < 2e-7 is then shown as 0."""
+    p_b, dim = np.broadcast_arrays(np.asarray(p_b, dtype=np.float64), np.asarray(dim, dtype=np.float64))
+    with np.errstate(all="ignore"):
+        lower, upper = sigma_ratio_bounds(p_b, dim)
+        tiny = 2.0 * np.log(p_b) / dim < -30.0
+    if np.isnan(lower[~tiny]).any() or np.isnan(upper).any():
+        raise UsageError(f"the thresholds for pB {p_b.min():g} and N {dim.min():g} cannot be computed in float64")
+    return np.where(np.isnan(lower) & tiny, 0.0, lower), upper
+
+
 def format_table(dims: dict, p_b) -> str:
     """Lower (and upper) thresholds on sigma1/sigma0 beyond which no point can be certified."""
     lines = ["Thresholds on sigma1/sigma0, lower / upper (Thm. 2.4): outside them x1 is never certified.",
              f"{'data (N)':<20}" + "".join(f"{f'pB={p:g}':>18}" for p in p_b)]
     for name, dim in dims.items():
-        lower, upper = sigma_ratio_bounds(list(p_b), dim)
+        lower, upper = bounds(list(p_b), dim)
         cells = "".join(f"{lo:>10.3f} / {up:<5.3f}" for lo, up in zip(lower, upper))
         lines.append(f"{f'{name} ({dim})':<20}{cells}")
     return "\n".join(lines)
@@ -54,7 +67,7 @@ def write_figures(folder: Path, dims: dict, p_b) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     rows = ["| data (N) | " + " | ".join(f"pB = {p:g}" for p in p_b) + " |", "|---" * (len(p_b) + 1) + "|"]
     for name, dim in dims.items():
-        lower, upper = sigma_ratio_bounds(list(p_b), dim)
+        lower, upper = bounds(list(p_b), dim)
         rows.append(f"| {name} ({dim}) | " + " | ".join(f"{lo:.3f} / {up:.3f}" for lo, up in zip(lower, upper)) + " |")
     (folder / "thresholds.md").write_text(
         "# Curse of dimensionality: thresholds on sigma1/sigma0 (Thm. 2.4)\n\n"
@@ -64,7 +77,7 @@ def write_figures(folder: Path, dims: dict, p_b) -> list:
     fig, ax = _figure("lower threshold on sigma1/sigma0 (Thm. 2.4)", "input dimension N", "sigma1 / sigma0")
     grid = np.unique(np.round(np.logspace(1, 6, 200)))
     for p in p_b:
-        ax.semilogx(grid, sigma_ratio_bounds(np.full(len(grid), p), grid)[0], label=f"pB = {p:g}")
+        ax.semilogx(grid, bounds(np.full(len(grid), p), grid)[0], label=f"pB = {p:g}")
     for name, dim in dims.items():
         ax.axvline(dim, color="grey", linewidth=0.8, linestyle=":")
         ax.text(dim, 0.05, name, rotation=90, fontsize=8)
@@ -97,7 +110,8 @@ def _table(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightning_idrs thresholds", description=__doc__,
                                      exit_on_error=False)
     parser.add_argument("--dim", type=int, nargs="+", help="input dimensions (default: the paper's)")
-    parser.add_argument("--p-b", type=float, nargs="+", default=list(PAPER_P_B), help="runner-up probabilities")
+    parser.add_argument("--p_b", "--p-b", dest="p_b", type=float, nargs="+", default=list(PAPER_P_B),
+                        help="runner-up probabilities pB in (0, 1) (--p-b is the older spelling)")
     parser.add_argument("--plot", metavar="DIR", help="also write the paper's figures (markdown + PNG) to DIR")
     args = parser.parse_args(argv)
     dims = {f"N={d}": d for d in args.dim} if args.dim else PAPER_DIMS

@@ -1,0 +1,222 @@
+"""certify's bad and poor cases of an adversarial review: each is one clear line, the documented exit code,
+and nothing half-written (multi-process cases with two gloo processes on this machine)."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_idrs.commands import main
+from lightning_idrs.module import CHECKPOINT_KEY
+from lightning_idrs.reporting import SUMMARY_NAME
+from lightning_idrs.tsv_log import TSV_NAME, read_tsv
+from tests.test_certify import ENV, SMALL, TWO_RANKS, checkpoint, free_port, same_rows, slurm_env  # noqa: F401
+
+
+def one_line(capsys, argv, start, code=2):
+    """``argv`` fails with exactly one stderr line beginning with ``start`` (besides the progress bar of
+    points certified before the failure)."""
+    assert main(["certify", *argv]) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("certify: ")]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith(start), err
+    return lines[0]
+
+
+def edited(checkpoint, target: Path, edit) -> Path:  # noqa: F811
+    """A copy of ``checkpoint`` after ``edit(state)``, with a digest of its (possibly new) weights."""
+    from lightning_idrs.digests import state_dict_sha256
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    edit(state)
+    if state[CHECKPOINT_KEY].get("weights_sha256"):
+        state[CHECKPOINT_KEY]["weights_sha256"] = state_dict_sha256(state["state_dict"])
+    torch.save(state, target)
+    return target
+
+
+def args(checkpoint, out, *extra):  # noqa: F811
+    return ["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), *extra]
+
+
+# ------------------------------------------------------------------------------------ BAD
+def test_help_and_runs_write_nothing_to_a_read_only_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o555)
+    result = subprocess.run([sys.executable, "-m", "lightning_idrs", "certify", "--help"], env=dict(ENV, HOME=str(home)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--certify.n0" in result.stdout
+    assert result.stderr == ""  # no matplotlib warning about an unwritable config folder
+    assert list(home.rglob("*")) == []
+
+
+def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_path):  # noqa: F811
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "lightning_idrs", "certify",
+                             *args(checkpoint, tmp_path / "o", "--certify.num_nodes", "2")],
+                            env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    assert result.stderr.strip() == ("error: --certify.num_nodes 2 needs the processes of the other nodes, which only "
+                                     "torchrun or SLURM (srun) start; launch the command with one of them, or use "
+                                     "--certify.num_nodes 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):  # noqa: F811
+    other = edited(checkpoint, tmp_path / "other.ckpt",
+                   lambda s: next(v for v in s["state_dict"].values() if torch.is_tensor(v)).view(-1)[:1].add_(0.5))
+    out, port = tmp_path / "out", free_port()
+    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify",
+                               *args(path, out, "--certify.max", "4", *TWO_RANKS)],
+                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank, path in enumerate((checkpoint, other))]
+    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    assert [code for _, _, code in results] == [2, 2], results
+    for _, err, _ in results:
+        assert err.strip().splitlines()[-1].startswith("error: the processes of the job do not agree on "
+                                                       "checkpoint_sha256"), err
+    assert not (out / TSV_NAME).exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (0.3, "now reports semi_elasticity 0.3, but {ckpt} recorded 0.2 when it was trained: the class changed since"),
+    (-0.1, "error: the sigma class lightning_idrs.sigma.KnnSigma reports semi_elasticity -0.1: it must be a finite"),
+])
+def test_a_sigma_class_that_changed_since_fit_is_refused(change, message, checkpoint, tmp_path, capsys,  # noqa: F811
+                                                         monkeypatch):
+    from lightning_idrs.sigma import KnnSigma
+
+    monkeypatch.setattr(KnnSigma, "semi_elasticity", property(lambda self: change))
+    err = one_line(capsys, args(checkpoint, tmp_path / "o"), "error: ")
+    assert message.format(ckpt=checkpoint) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_without_a_weights_digest_is_refused(checkpoint, tmp_path, capsys):  # noqa: F811
+    bare = edited(checkpoint, tmp_path / "bare.ckpt", lambda s: s[CHECKPOINT_KEY].pop("weights_sha256"))
+    one_line(capsys, args(bare, tmp_path / "o"), f"error: {bare} records no digest of its weights")
+
+
+# ------------------------------------------------------------------------------------ POOR: files and values
+@pytest.mark.parametrize("value", ["nan", "0", "-1"])
+def test_a_sigma_function_with_bad_values_is_one_line(value, checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from lightning_idrs.sigma import KnnSigma
+
+    monkeypatch.setattr(KnnSigma, "forward", lambda self, x: torch.full((len(x),), float(value)))
+    one_line(capsys, args(checkpoint, tmp_path / "o"), "error: sigma(x) must be finite and > 0 for every input, but "
+                                                       f"KnnSigma gave {float(value)}")
+
+
+@pytest.mark.parametrize("flags, start", [
+    (["--certify.radii", "[]"], "error: --certify.radii must be a list of radii >= 0 such as 0.25,0.5,0.75,1.0, "
+                                "got []"),
+    (["--certify.precision", "16-mixed", "--certify.accelerator", "cpu"],
+     "error: --certify.precision 16-mixed needs a CUDA GPU (on CPU Lightning runs bf16 instead)"),
+])
+def test_bad_values_are_one_line(flags, start, checkpoint, tmp_path, capsys):  # noqa: F811
+    one_line(capsys, args(checkpoint, tmp_path / "o", *flags), start)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_folder_that_is_a_file_and_a_compare_that_is_no_tsv(checkpoint, tmp_path, capsys):  # noqa: F811
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    one_line(capsys, args(checkpoint, afile), f"error: --certify.out {afile} is a file, not a folder")
+    err = one_line(capsys, args(checkpoint, tmp_path / "o", "--certify.compare", str(afile)),
+                   f"error: --certify.compare {afile} is not a certify.tsv of this version")
+    assert "output directory" not in err and "--certify.out" not in err
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import lightning_idrs.reporting
+    import lightning_idrs.tsv_log
+
+    write, calls = lightning_idrs.tsv_log._write_all, []
+
+    def fills_up(fd, data):
+        calls.append(len(data))
+        if len(calls) > 2:  # the header and the first round of rows fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(fd, data)
+
+    monkeypatch.setattr(lightning_idrs.tsv_log, "_write_all", fills_up)
+    out, straight = tmp_path / "full", tmp_path / "straight"
+    flags = ["--certify.max", "6", "--certify.points_per_chunk", "2"]
+    one_line(capsys, args(checkpoint, out, *flags), f"error: no space left on the disk of {out}: free space, then rerun")
+    assert len(read_tsv(out / TSV_NAME)["idx"]) == 2
+    monkeypatch.setattr(lightning_idrs.tsv_log, "_write_all", write)
+
+    def no_png(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lightning_idrs.reporting, "plot_curves", no_png)  # full again when the plot is drawn
+    one_line(capsys, args(checkpoint, out, *flags), f"error: no space left on the disk of {out}")
+    monkeypatch.undo()
+    assert main(["certify", *args(checkpoint, out, *flags)]) == 0
+    assert main(["certify", *args(checkpoint, straight, *flags)]) == 0
+    assert same_rows(out, straight) and (out / SUMMARY_NAME).is_file()
+
+
+@pytest.mark.parametrize("edit, start, absent", [
+    (lambda s: s["state_dict"].__setitem__("model.extra", torch.zeros(1)), "the weights of {} do not fit its model: ",
+     "importable"),
+    (lambda s: s["hyper_parameters"]["sigma"].__setitem__("class_path", "nonexist_mod.Foo"),
+     "the sigma class nonexist_mod.Foo of {} cannot be imported: there is no module 'nonexist_mod'", "Traceback"),
+    (lambda s: s["hyper_parameters"]["sigma"].update(class_path="torch.nn.ReLU", init_args={}),
+     "torch.nn.ReLU (the sigma of {}) is not a sigma function: it must subclass lightning_idrs.sigma.Sigma", "Trace"),
+])
+def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start, absent, checkpoint, tmp_path,  # noqa: F811
+                                                                    capsys):
+    bad = edited(checkpoint, tmp_path / "bad.ckpt", edit)
+    err = one_line(capsys, args(bad, tmp_path / "o"), "error: " + start.format(bad))
+    assert absent not in err
+
+
+# ------------------------------------------------------------------------------------ POOR: signals and dead ranks
+def start_two_ranks(checkpoint, out):  # noqa: F811
+    flags = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "16", *TWO_RANKS]
+    proc = subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args(checkpoint, out, *flags)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        tsv = out / TSV_NAME
+        if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # the first round of rows is written
+            return proc, flags
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("the run ended before it could be stopped: " + proc.communicate()[1][-2000:])
+
+
+def children(pid: int) -> list:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc, flags = start_two_ranks(checkpoint, out)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler sends to a job
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert err.count("stopped by SIGTERM") == 1 and "Traceback" not in err, err
+    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0  # resumed by one process
+    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+
+
+def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc, flags = start_two_ranks(checkpoint, out)
+    os.kill(children(proc.pid)[0], signal.SIGKILL)  # rank 1 dies (out of memory, a lost node)
+    err = proc.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert lines[-1].startswith("error: ") and "another process of the job stopped" in lines[-1], err
+    assert lines[-1].endswith("rerun the same command to resume") and err.count("error:") == 1, err
+    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0
+    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
