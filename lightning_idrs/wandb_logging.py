@@ -89,6 +89,8 @@ class WandbLogger(_LightningWandbLogger):
         super().__init__(*args, offline=False, log_model=log_model, **extra, **kwargs)
         self._offline = offline  # Lightning refuses log_model offline; W&B stages the artifact for `wandb sync`
         self._wandb_init.pop("anonymous", None)
+        if offline:  # said to wandb.init itself: Lightning's WANDB_MODE is not read once wandb's settings exist
+            self._wandb_init["mode"] = "offline"  # (e.g. after the online probe verified a key and fell back)
 
 
 def _wandb_runs(trainer) -> list:
