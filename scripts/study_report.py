@@ -45,7 +45,8 @@ def load_runs(args, specs) -> list:
 def metrics_of(summary, tsv) -> dict:
     acc = summary["certified_accuracy"]
     correct = tsv["correct"] == 1
-    out = {"acr": summary["acr"], "max_radius": float(tsv["radius"][correct].max()) if correct.any() else 0.0}
+    out = {"acr": summary["acr"], "max_radius": float(tsv["radius"][correct].max()) if correct.any() else 0.0,
+           "sigma_range": (float(tsv["sigma"].min()), float(tsv["sigma"].max()))}
     for r in TABLE_RADII:
         out[f"acc@{_key(r)}"] = acc.get(_key(r), float("nan"))
     classes = summary["class_certified_accuracy"]
@@ -98,21 +99,30 @@ def comparisons(groups) -> list:
     return out
 
 
+def resolved(result) -> bool:
+    """The interval excludes 0 and has a width: equal differences on every seed (a zero-width interval,
+    e.g. one point of a 10-point class) are no evidence of a systematic effect."""
+    return result is not None and result[1][1] - result[1][0] > 1e-9 and (result[1][0] > 0 or result[1][1] < 0)
+
+
 def _fmt_diff(result) -> str:
     if result is None:
         return "-"
     mean, (lo, hi), _ = result
-    mark = " **" if lo > 0 or hi < 0 else ""
-    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
+    mark = " **" if resolved(result) else " (=)" if hi - lo <= 1e-9 and abs(mean) > 1e-9 else ""
+    return f"{mean + 0.0:+.3f} [{lo + 0.0:+.3f}, {hi + 0.0:+.3f}]{mark}"
 
 
 def accuracy_table(groups) -> list:
-    head = "| sigma_b | method | objective | seeds | " + " | ".join(f"R={_key(r)}" for r in TABLE_RADII) + " | ACR |"
+    head = ("| sigma_b | method | objective | seeds | " + " | ".join(f"R={_key(r)}" for r in TABLE_RADII)
+            + " | ACR | sigma(x) / sigma_b |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (sigma_base, r, objective), seeds in sorted(groups.items()):
         cells = [mean_std([m[f"acc@{_key(R)}"] for m in seeds.values()]) for R in TABLE_RADII]
+        low = min(m["sigma_range"][0] for m in seeds.values()) / sigma_base
+        high = max(m["sigma_range"][1] for m in seeds.values()) / sigma_base
         lines.append(f"| {sigma_base:g} | {method({'r': r})} | {objective} | {len(seeds)} | " + " | ".join(cells)
-                     + f" | {mean_std([m['acr'] for m in seeds.values()])} |")
+                     + f" | {mean_std([m['acr'] for m in seeds.values()])} | {low:.3f} - {high:.3f} |")
     return lines
 
 
@@ -159,7 +169,7 @@ def findings(groups) -> list:
             result = paired(a, b, metric)
             if result is None:
                 continue
-            if result[1][0] > 0 or result[1][1] < 0:
+            if resolved(result):
                 outside.append(f"* {label}, {metric}: {_fmt_diff(result).rstrip(' *')}")
             else:
                 inside += 1
@@ -237,7 +247,8 @@ def header(args, runs, specs) -> list:
         "is the mean radius where each point stopped (below a fixed-n ACR, docs/math.md).",
         f"* W&B: every run in group `{args.group}` (offline run folders inside the run folders).",
         "* ± is the standard deviation over seeds; [lo, hi] a 95% t-interval of the paired difference over the "
-        "same seeds; ** marks an interval that excludes 0.",
+        "same seeds; ** marks an interval that excludes 0; (=) the same non-zero difference on every seed (an "
+        "interval of width 0, which says nothing about the spread).",
     ]
 
 

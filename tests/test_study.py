@@ -64,3 +64,5 @@ def test_paired_difference_is_a_t_interval_over_the_common_seeds():
     assert study_report.paired({0: _metrics(1.0)}, {0: _metrics(0.0)}, "acr") is None  # one seed: no interval
     assert study_report._fmt_diff((0.03, (0.01, 0.05), 3)).endswith("**")
     assert not study_report._fmt_diff((0.03, (-0.01, 0.07), 3)).endswith("**")
+    assert study_report._fmt_diff((0.1, (0.1, 0.1), 3)).endswith("(=)")  # equal on every seed: not "resolved"
+    assert not study_report.resolved((0.1, (0.1, 0.1), 3))
