@@ -31,7 +31,7 @@ OBJECTIVES = {"gaussian": "GaussianAugmentation", "consistency": "ConsistencyReg
 #: the MLP because LeNet's forward pass costs 4x more per noisy sample here (245 vs 60 us).
 DATASETS = {
     "digits": {"sigma_b": (0.25, 0.5), "arch": "mlp", "epochs": 30, "skip": 1, "n": 100_000, "r": R_VALUES},
-    "mnist5k": {"sigma_b": (0.25, 0.5, 1.0), "arch": "mlp", "epochs": 10, "skip": 10, "n": 10_000, "r": (0.02,)},
+    "mnist5k": {"sigma_b": (0.25, 0.5, 1.0), "arch": "mlp", "epochs": 10, "skip": 10, "n": 10_000, "r": R_VALUES},
 }
 CALLBACKS = json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                          "init_args": {"monitor": "val/noisy_acc", "mode": "max", "filename": "best-{epoch:02d}"}}])
