@@ -332,9 +332,13 @@ class SmoothedClassifier:
             row_sums = torch.empty(total, dtype=torch.float64, device=x.device)
             batches = (generator.batches(x, num, batch_size, phase) if isinstance(generator, PointNoise)
                        else _shared_noise(x, num, batch_size, generator))
-            start = 0
+            start, shape = 0, (-1, *([1] * (x.dim() - 1)))
             for owner, eps in batches:
-                noisy = x[owner] + sigma[owner].reshape(-1, *([1] * (x.dim() - 1))) * eps
+                first, last = start // num, (start + len(owner) - 1) // num
+                if first == last:  # one input's samples: broadcast it instead of gathering copies (same values)
+                    noisy = x[first:first + 1] + sigma[first:first + 1].reshape(shape) * eps
+                else:
+                    noisy = x[owner] + sigma[owner].reshape(shape) * eps
                 with self.forward_context():
                     logits = base(noisy)
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:

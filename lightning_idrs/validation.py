@@ -71,6 +71,10 @@ def _number(value, rule: str, integer: bool):
     return float(value)
 
 
+# Why not jsonargparse.typing's PositiveInt / OpenUnitInterval / ...: they refuse ``--certify.n 1e5`` (an
+# integer written as a float, which researchers type), and their messages ("invalid literal for int()")
+# do not state the rule; these kinds accept whole numbers in any spelling, and each error says
+# "NAME must be RULE, got VALUE", the same on the command line, in YAML and in Python (check()).
 class _Kind:
     """Mixin of the kinds: ``Kind(value)`` checks ``value`` against ``rule`` and ``accepts``."""
 
