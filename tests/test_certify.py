@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,30 +16,28 @@ from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.radius import certified_radius, cohen_radius
 from lightning_idrs.reporting import PLOT_NAME, SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
-
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
-SMALL = ["--certify.n0", "10", "--certify.n", "200", "--wandb.mode", "disabled"]
-ROWS = [name for name in TSV_HEADER if name != "time"]  # the time column is wall time, never reproducible
+from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
 
 
 def certify_args(checkpoint, out, *extra):
     return ["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), *extra]
 
 
-def same_rows(a, b):
-    ta, tb = read_tsv(Path(a) / TSV_NAME), read_tsv(Path(b) / TSV_NAME)
-    return all(np.array_equal(ta[k], tb[k]) for k in ROWS)
+def worst_case_at_both_ends(p_b, sigma0, r, radius, dim, slack=0.0):
+    """xi(R) of Sukenik et al. (Thm. 2.3 / docs/math.md) straight from scipy.stats.ncx2, at sigma1 =
+    sigma0 e^(-(rR + slack)) and sigma0 e^(rR + slack): the largest runner-up probability at distance R."""
+    from scipy.stats import ncx2
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """One IDRS digits checkpoint of the default config (sigma knn, r = 0.2), trained 2 epochs."""
-    root = tmp_path_factory.mktemp("fit")
-    cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root),
-                    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                    "--trainer.enable_model_summary", "false"])
-    return Path(cli.trainer.checkpoint_callback.best_model_path)
+    values = []
+    for sign in (-1.0, 1.0):
+        sigma1 = sigma0 * np.exp(sign * (r * radius + slack))
+        lam0, lam1 = (s**2 * radius**2 / (sigma0**2 - sigma1**2) ** 2 for s in (sigma0, sigma1))
+        ratio = sigma0**2 / sigma1**2
+        if sigma1 < sigma0:
+            values.append(ncx2.cdf(ratio * ncx2.ppf(p_b, dim, lam0), dim, lam1))
+        else:
+            values.append(1 - ncx2.cdf(ratio * ncx2.ppf(1 - p_b, dim, lam0), dim, lam1))
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +80,13 @@ def test_outputs_radii_and_summary_agree(reference, checkpoint):
     assert (tsv["radius"] <= certified_radius(tsv["p_a_lower"], tsv["sigma"], r, dim)).all()
     certified = ~abstain
     assert certified.sum() >= 10 and tsv["correct"].sum() >= 10
+    # independently of the package's radius code: at each certified radius the paper's worst case (SciPy's
+    # noncentral chi-square at both ends of sigma1's interval, slack included) stays below 1/2, and 2% further
+    # out it does not (the radius is not needlessly small)
+    for p_a, sigma0, radius, s in zip(tsv["p_a_lower"][certified], sigma[certified], tsv["radius"][certified],
+                                      slack[certified]):
+        assert max(worst_case_at_both_ends(1 - p_a, sigma0, r, radius, dim, s)) < 0.5
+        assert max(worst_case_at_both_ends(1 - p_a, sigma0, r, radius * 1.02, dim, s)) >= 0.5
     cohen = cohen_radius(tsv["p_a_lower"], tsv["sigma"])
     assert (tsv["radius"][certified] < cohen[certified] * (1 - 1e-6)).all()
 
@@ -238,13 +242,8 @@ def test_rerun_with_other_settings_into_same_directory_is_refused(checkpoint, tm
     assert (out / TSV_NAME).read_bytes() == before
 
 
-def test_a_model_that_cannot_run_channels_last_gets_one_line_and_the_way_out(tmp_path, capsys):
-    from lightning_idrs.models import MODELS, register_model
-    from tests.test_smoothing import ViewCNN
-
-    if "viewcnn" not in MODELS:
-        register_model("viewcnn")(ViewCNN)
-    cli = cli_main(["fit", "--model.arch", "viewcnn", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+def test_a_model_that_cannot_run_channels_last_gets_one_line_and_the_way_out(viewcnn_arch, tmp_path, capsys):
+    cli = cli_main(["fit", "--model.arch", viewcnn_arch, "--trainer.max_epochs", "1", "--trainer.logger", "false",
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
                     "--trainer.enable_model_summary", "false"])
     viewcnn = cli.trainer.checkpoint_callback.best_model_path
@@ -276,9 +275,6 @@ def run_certify(checkpoint, out, *extra, wait=True):
         return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-TWO_RANKS = ["--certify.devices", "2", "--certify.accelerator", "cpu"]
 
 
 def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
@@ -329,21 +325,6 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: " + message), err
     assert not out.exists()
-
-
-def free_port() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def slurm_env(rank, tasks=2, per_node=2, port="29500"):
-    """What srun gives task ``rank`` of a one-node job (MASTER_ADDR spares resolving a node list)."""
-    return {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "certify", "SLURM_JOB_ID": "4242",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
 
 
 def test_processes_started_by_torchrun_or_slurm_give_the_rows_of_one(reference, checkpoint, tmp_path):

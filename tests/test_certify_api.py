@@ -12,7 +12,7 @@ from lightning_idrs.commands.certify import main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import SETTINGS_NAME, TSV_NAME, read_tsv
-from tests.test_certify import ROWS, SMALL, checkpoint  # noqa: F401  (the module's checkpoint fixture)
+from tests.helpers import ROWS, SMALL
 
 QUIET = dict(n0=10, n=200, wandb=lightning_idrs.certification.WandbOptions(mode="disabled"))
 
@@ -21,7 +21,7 @@ def rows_by_idx(result):
     return {int(i): tuple(result.rows[k][j] for k in ROWS) for j, i in enumerate(result.rows["idx"])}
 
 
-def test_rows_depend_only_on_the_seed_and_the_point(checkpoint, tmp_path):  # noqa: F811
+def test_rows_depend_only_on_the_seed_and_the_point(checkpoint, tmp_path):
     full = lightning_idrs.certify(checkpoint, tmp_path / "full", max=12, **QUIET)
     assert full.summary["num_points"] == 12 and (tmp_path / "full" / TSV_NAME).is_file()
     np.testing.assert_array_equal(full.rows["radius"], read_tsv(tmp_path / "full" / TSV_NAME)["radius"])
@@ -44,7 +44,7 @@ def test_rows_depend_only_on_the_seed_and_the_point(checkpoint, tmp_path):  # no
     assert sum(p_a[i] != reference[i][ROWS.index("p_a_lower")] for i in p_a) >= 6
 
 
-def test_a_folder_of_the_old_noise_scheme_is_refused(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_a_folder_of_the_old_noise_scheme_is_refused(checkpoint, tmp_path, capsys):
     out = tmp_path / "old"
     assert main(["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), "--certify.max", "2"]) == 0
     settings = json.loads((out / SETTINGS_NAME).read_text())
@@ -56,7 +56,7 @@ def test_a_folder_of_the_old_noise_scheme_is_refused(checkpoint, tmp_path, capsy
     assert "use another --certify.out" in err and (out / TSV_NAME).read_bytes() == before
 
 
-def test_config_files_stack_key_by_key_and_flags_win(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_config_files_stack_key_by_key_and_flags_win(checkpoint, tmp_path, capsys):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text("certify:\n  n: 150\n  max: 7\n  split: val\n")
     second.write_text("certify:\n  n0: 12\n  max: 4\nwandb:\n  mode: disabled\n")
@@ -90,7 +90,7 @@ def test_help_has_the_groups(capsys):
     assert text.index("distributed:") < text.rindex("--certify.num_nodes") and text.count("distributed:") == 1
 
 
-def test_default_folder_is_one_per_checkpoint_and_off_grid_radii_are_printed(checkpoint, tmp_path, capsys,  # noqa: F811
+def test_default_folder_is_one_per_checkpoint_and_off_grid_radii_are_printed(checkpoint, tmp_path, capsys,
                                                                              monkeypatch):
     from lightning_idrs.digests import state_dict_sha256
 

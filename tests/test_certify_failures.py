@@ -15,7 +15,7 @@ from lightning_idrs.commands import main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
-from tests.test_certify import ENV, SMALL, TWO_RANKS, checkpoint, free_port, same_rows, slurm_env  # noqa: F401
+from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
 
 
 def one_line(capsys, argv, start, code=2):
@@ -28,7 +28,7 @@ def one_line(capsys, argv, start, code=2):
     return lines[0]
 
 
-def edited(checkpoint, target: Path, edit) -> Path:  # noqa: F811
+def edited(checkpoint, target: Path, edit) -> Path:
     """A copy of ``checkpoint`` after ``edit(state)``, with a digest of its (possibly new) weights."""
     from lightning_idrs.digests import state_dict_sha256
 
@@ -40,7 +40,7 @@ def edited(checkpoint, target: Path, edit) -> Path:  # noqa: F811
     return target
 
 
-def args(checkpoint, out, *extra):  # noqa: F811
+def args(checkpoint, out, *extra):
     return ["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), *extra]
 
 
@@ -56,7 +56,7 @@ def test_help_and_runs_write_nothing_to_a_read_only_home(tmp_path):
     assert list(home.rglob("*")) == []
 
 
-def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_path):  # noqa: F811
+def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_path):
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "lightning_idrs", "certify",
                              *args(checkpoint, tmp_path / "o", "--certify.num_nodes", "2")],
@@ -68,7 +68,7 @@ def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):  # noqa: F811
+def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):
     other = edited(checkpoint, tmp_path / "other.ckpt",
                    lambda s: next(v for v in s["state_dict"].values() if torch.is_tensor(v)).view(-1)[:1].add_(0.5))
     out, port = tmp_path / "out", free_port()
@@ -88,7 +88,7 @@ def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, 
     (0.3, "now reports semi_elasticity 0.3, but {ckpt} recorded 0.2 when it was trained: the class changed since"),
     (-0.1, "error: the sigma class lightning_idrs.sigma.KnnSigma reports semi_elasticity -0.1: it must be a finite"),
 ])
-def test_a_sigma_class_that_changed_since_fit_is_refused(change, message, checkpoint, tmp_path, capsys,  # noqa: F811
+def test_a_sigma_class_that_changed_since_fit_is_refused(change, message, checkpoint, tmp_path, capsys,
                                                          monkeypatch):
     from lightning_idrs.sigma import KnnSigma
 
@@ -98,14 +98,14 @@ def test_a_sigma_class_that_changed_since_fit_is_refused(change, message, checkp
     assert not (tmp_path / "o").exists()
 
 
-def test_a_checkpoint_without_a_weights_digest_is_refused(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_a_checkpoint_without_a_weights_digest_is_refused(checkpoint, tmp_path, capsys):
     bare = edited(checkpoint, tmp_path / "bare.ckpt", lambda s: s[CHECKPOINT_KEY].pop("weights_sha256"))
     one_line(capsys, args(bare, tmp_path / "o"), f"error: {bare} records no digest of its weights")
 
 
 # ------------------------------------------------------------------------------------ POOR: files and values
 @pytest.mark.parametrize("value", ["nan", "0", "-1"])
-def test_a_sigma_function_with_bad_values_is_one_line(value, checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_sigma_function_with_bad_values_is_one_line(value, checkpoint, tmp_path, capsys, monkeypatch):
     from lightning_idrs.sigma import KnnSigma
 
     monkeypatch.setattr(KnnSigma, "forward", lambda self, x: torch.full((len(x),), float(value)))
@@ -119,12 +119,12 @@ def test_a_sigma_function_with_bad_values_is_one_line(value, checkpoint, tmp_pat
     (["--certify.precision", "16-mixed", "--certify.accelerator", "cpu"],
      "error: --certify.precision 16-mixed needs a CUDA GPU (on CPU Lightning runs bf16 instead)"),
 ])
-def test_bad_values_are_one_line(flags, start, checkpoint, tmp_path, capsys):  # noqa: F811
+def test_bad_values_are_one_line(flags, start, checkpoint, tmp_path, capsys):
     one_line(capsys, args(checkpoint, tmp_path / "o", *flags), start)
     assert not (tmp_path / "o").exists()
 
 
-def test_an_output_folder_that_is_a_file_and_a_compare_that_is_no_tsv(checkpoint, tmp_path, capsys):  # noqa: F811
+def test_an_output_folder_that_is_a_file_and_a_compare_that_is_no_tsv(checkpoint, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x\n")
     one_line(capsys, args(checkpoint, afile), f"error: --certify.out {afile} is a file, not a folder")
@@ -133,7 +133,7 @@ def test_an_output_folder_that_is_a_file_and_a_compare_that_is_no_tsv(checkpoint
     assert "output directory" not in err and "--certify.out" not in err
 
 
-def test_a_full_disk_is_one_line_and_the_run_resumes(checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_a_full_disk_is_one_line_and_the_run_resumes(checkpoint, tmp_path, capsys, monkeypatch):
     import lightning_idrs.reporting
     import lightning_idrs.tsv_log
 
@@ -171,7 +171,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(checkpoint, tmp_path, capsy
     (lambda s: s["hyper_parameters"]["sigma"].update(class_path="torch.nn.ReLU", init_args={}),
      "torch.nn.ReLU (the sigma of {}) is not a sigma function: it must subclass lightning_idrs.sigma.Sigma", "Trace"),
 ])
-def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start, absent, checkpoint, tmp_path,  # noqa: F811
+def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start, absent, checkpoint, tmp_path,
                                                                     capsys):
     bad = edited(checkpoint, tmp_path / "bad.ckpt", edit)
     err = one_line(capsys, args(bad, tmp_path / "o"), "error: " + start.format(bad))
@@ -179,7 +179,7 @@ def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start,
 
 
 # ------------------------------------------------------------------------------------ POOR: signals and dead ranks
-def start_two_ranks(checkpoint, out):  # noqa: F811
+def start_two_ranks(checkpoint, out):
     flags = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "16", *TWO_RANKS]
     proc = subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args(checkpoint, out, *flags)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -198,7 +198,7 @@ def children(pid: int) -> list:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):  # noqa: F811
+def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):
     out = tmp_path / "run"
     proc, flags = start_two_ranks(checkpoint, out)
     os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler sends to a job
@@ -209,7 +209,7 @@ def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_p
     assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
 
 
-def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):  # noqa: F811
+def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):
     out = tmp_path / "run"
     proc, flags = start_two_ranks(checkpoint, out)
     os.kill(children(proc.pid)[0], signal.SIGKILL)  # rank 1 dies (out of memory, a lost node)

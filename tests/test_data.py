@@ -1,6 +1,7 @@
 """Tests for lightning_idrs.data: digits (real, bundled) and MNIST / CIFAR-10 (tiny fake files)."""
+import hashlib
 import pickle
-import struct
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning_idrs.data import (
     DigitsDataModule,
     MNISTDataModule,
 )
+from tests.helpers import N_TEST, N_TRAIN, fake_images, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +135,12 @@ def test_digits_unknown_split(digits):
 
 def test_digits_fingerprint_stable_across_processes(digits):
     fp = digits.fingerprint()
-    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", fp)  # a sha256 hex digest ...
+    data = digits.split_dataset("train")  # ... of exactly this: name, shape, scale, size, images, labels
+    header = f"digits|{tuple(digits.input_shape)}|{digits._scale}|{len(data)}|".encode()
+    assert fp == hashlib.sha256(header + data.images.numpy().tobytes() + data.labels.to(torch.int64).numpy().tobytes()).hexdigest()
+    assert len({fp, digits.fingerprint("val"), digits.fingerprint("test")}) == 3
+    assert DigitsDataModule(seed=1).fingerprint() != fp  # another seed, another split
     assert DigitsDataModule(seed=0, batch_size=7).fingerprint() == fp  # batch size is irrelevant
     code = "from lightning_idrs.data import DigitsDataModule; print(DigitsDataModule(seed=0).fingerprint())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -157,34 +164,17 @@ def test_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- fake MNIST
-N_TRAIN, N_TEST = 60, 20
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.tobytes())
-
-
-def _fake_images(n: int, shape: tuple, offset: int) -> np.ndarray:
-    rng = np.random.default_rng(offset)
-    x = rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
-    x.reshape(n, -1)[:, 0] = np.arange(offset, offset + n)  # first pixel = unique image id
-    x.reshape(n, -1)[:, 1] = 255
-    return x
-
-
 @pytest.fixture
 def mnist_root(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     data = {
-        "train": (_fake_images(N_TRAIN, (28, 28), 0), np.arange(N_TRAIN) % 10),
-        "t10k": (_fake_images(N_TEST, (28, 28), 100), np.arange(N_TEST) % 10),
+        "train": (fake_images(N_TRAIN, (28, 28), 0), np.arange(N_TRAIN) % 10),
+        "t10k": (fake_images(N_TEST, (28, 28), 100), np.arange(N_TEST) % 10),
     }
     for prefix, (x, y) in data.items():
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
     return tmp_path, data
 
 
@@ -245,8 +235,8 @@ def cifar_root(tmp_path, monkeypatch):
     folder.mkdir()
     batches = {}
     for b, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]):
-        batches[name] = _fake_images(12, (3, 32, 32), 12 * b)
-    batches["test_batch"] = _fake_images(N_TEST, (3, 32, 32), 100)
+        batches[name] = fake_images(12, (3, 32, 32), 12 * b)
+    batches["test_batch"] = fake_images(N_TEST, (3, 32, 32), 100)
     for name, x in batches.items():
         with open(folder / name, "wb") as f:
             pickle.dump({"data": x.reshape(len(x), -1), "labels": list(range(len(x)))}, f)

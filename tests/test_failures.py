@@ -15,27 +15,13 @@ import torch
 
 from lightning_idrs import load_checkpoint
 from lightning_idrs.commands import main
-from lightning_idrs.commands.trainer import cli_main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_NAME
 from lightning_idrs.validation import UsageError
+from tests.helpers import QUIET, env
 
-REPO = Path(__file__).resolve().parents[1]
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 SMALL = ["--certify.n0", "10", "--certify.n", "100", "--wandb.mode", "disabled"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fit")
-    cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root),
-                    "--trainer.logger", "false", *QUIET])
-    return Path(cli.trainer.checkpoint_callback.best_model_path)
-
-
-def env(**extra):
-    return dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true", **extra)
 
 
 def fails_cleanly(capsys, argv, message):

@@ -5,6 +5,7 @@ from scipy import special, stats
 
 from lightning_idrs import certified_radius, cohen_radius, sigma_ratio_bounds, worst_case_probability
 from lightning_idrs.radius import RHO_FLOOR, critical_runner_up_mass
+from tests.helpers import PAPER_TABLE
 
 P_A = np.array([0.55, 0.7, 0.9, 0.99, 0.999, 0.99993])
 
@@ -45,13 +46,6 @@ def test_broadcasting_shapes():
 
 
 # The paper's table (PAPER.md): lower thresholds for sigma1/sigma0.
-PAPER_TABLE = {
-    784: [0.946, 0.924, 0.908, 0.892],
-    3072: [0.973, 0.961, 0.953, 0.945],
-    196608: [0.997, 0.995, 0.994, 0.993],
-}
-
-
 @pytest.mark.parametrize("dim", sorted(PAPER_TABLE))
 def test_sigma_ratio_bounds_reproduce_the_papers_table(dim):
     lower, upper = sigma_ratio_bounds(np.array([0.1, 0.01, 0.001, 0.00007]), dim)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_data import N_TEST, N_TRAIN, _fake_images, _write_idx
+from tests.helpers import N_TEST, N_TRAIN, fake_images, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(SIGMAS="0.25", EPOCHS="1", N="100", N0="10", SKIP="5", MAX="3", BATCH="16",
@@ -21,8 +21,8 @@ def fake_mnist(root: Path):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n, offset in (("train", N_TRAIN, 0), ("t10k", N_TEST, 100)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", _fake_images(n, (28, 28), offset))
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", fake_images(n, (28, 28), offset))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
 def fake_cifar10(root: Path):
@@ -30,7 +30,7 @@ def fake_cifar10(root: Path):
     folder.mkdir(parents=True)
     names = [f"data_batch_{b}" for b in range(1, 6)] + ["test_batch"]
     for b, name in enumerate(names):
-        x = _fake_images(12 if name != "test_batch" else N_TEST, (3, 32, 32), 12 * b)
+        x = fake_images(12 if name != "test_batch" else N_TEST, (3, 32, 32), 12 * b)
         with open(folder / name, "wb") as fh:
             pickle.dump({"data": x.reshape(len(x), -1), "labels": [i % 10 for i in range(len(x))]}, fh)
     with open(folder / "batches.meta", "wb") as fh:

@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_idrs import ConstantSigma, Sigma, SmoothedClassifier, add_noise, certified_radius
 from lightning_idrs.smoothing import ABSTAIN, clopper_pearson_lower
+from tests.helpers import ViewCNN
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -172,20 +173,6 @@ def test_bad_inputs():
         smoothed.certify(x[0], 10, 100, 0.01, 64)
     with pytest.raises(ValueError, match=r"^alpha must be a number in \(0, 1\), got 2\.0$"):
         smoothed.predict(x, 100, 2.0, 64)
-
-
-class ViewCNN(nn.Module):
-    """conv -> ``.view`` of the feature map: a pattern (in users' models) that channels-last weights break."""
-
-    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
-        super().__init__()
-        c, h, w = input_shape
-        self.conv = nn.Conv2d(c, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * h * w, num_classes)
-
-    def forward(self, x):
-        features = self.conv(x)
-        return self.fc(features.view(features.shape[0], -1))
 
 
 def test_channels_last_weights_change_the_layout_not_the_certificates():

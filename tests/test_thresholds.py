@@ -4,7 +4,7 @@ import re
 import pytest
 
 from lightning_idrs.commands import main
-from tests.test_radius import PAPER_TABLE
+from tests.helpers import PAPER_TABLE
 
 
 def test_prints_the_papers_table(capsys):

@@ -1,0 +1,81 @@
+"""What several test modules share (no test module imports another): paths and environments for
+subprocesses, the small certify settings, row comparison, launcher environments, fake data sets and a
+model that cannot run channels-last."""
+import os
+import socket
+import struct
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")  # a subprocess runs this checkout
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SMALL = ["--certify.n0", "10", "--certify.n", "200", "--wandb.mode", "disabled"]
+TWO_RANKS = ["--certify.devices", "2", "--certify.accelerator", "cpu"]
+ROWS = [name for name in TSV_HEADER if name != "time"]  # the time column is wall time, never reproducible
+#: sigma1/sigma0 lower thresholds of the paper's Table 1 for pB = 0.1, 0.01, 0.001, 0.00007
+PAPER_TABLE = {
+    784: [0.946, 0.924, 0.908, 0.892],
+    3072: [0.973, 0.961, 0.953, 0.945],
+    196608: [0.997, 0.995, 0.994, 0.993],
+}
+N_TRAIN, N_TEST = 60, 20  # the fake MNIST / CIFAR-10 files
+
+
+def env(**extra) -> dict:
+    return dict(ENV, **extra)
+
+
+def same_rows(a, b) -> bool:
+    """The certify.tsv of folders ``a`` and ``b`` agree in every column but time."""
+    ta, tb = read_tsv(Path(a) / TSV_NAME), read_tsv(Path(b) / TSV_NAME)
+    return all(np.array_equal(ta[k], tb[k]) for k in ROWS)
+
+
+def free_port() -> str:
+    """A port free a moment ago (the OS may hand it out again before the process under test binds it;
+    the tests that use it start their processes at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def slurm_env(rank, tasks=2, per_node=2, port="29500") -> dict:
+    """What srun gives task ``rank`` of a one-node job (MASTER_ADDR spares resolving a node list)."""
+    return {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "certify", "SLURM_JOB_ID": "4242",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file as torchvision's MNIST reads it."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def fake_images(n: int, shape: tuple, offset: int) -> np.ndarray:
+    """Random uint8 images whose first pixel is a unique image id."""
+    rng = np.random.default_rng(offset)
+    x = rng.integers(0, 256, size=(n,) + shape, dtype=np.uint8)
+    x.reshape(n, -1)[:, 0] = np.arange(offset, offset + n)
+    x.reshape(n, -1)[:, 1] = 255
+    return x
+
+
+class ViewCNN(nn.Module):
+    """conv -> ``.view`` of the feature map: a pattern (in users' models) that channels-last weights break."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv = nn.Conv2d(c, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * h * w, num_classes)
+
+    def forward(self, x):
+        features = self.conv(x)
+        return self.fc(features.view(features.shape[0], -1))
