@@ -11,7 +11,7 @@ from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_g
 from lightning_idrs.sharding import ROW_FIELDS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
 from lightning_idrs.statistics import summarize
-from lightning_idrs.validation import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
+from lightning_idrs.arguments import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from lightning_idrs.reporting import ReportOptions
 from lightning_idrs.sharding import ROW_SETTINGS, CertifySettings
-from lightning_idrs.validation import PositiveInt, UsageError, one_line
+from lightning_idrs.arguments import PositiveInt, UsageError, one_line
 
 __all__ = ["CertifyOptions", "CertifyResult", "WandbOptions", "certify"]
 
@@ -134,7 +134,7 @@ def certify(ckpt_path, out=None, *, data: Optional[dict] = None, data_root: Opti
         options: the fields of :class:`CertifyOptions` (n0, n, alpha, batch_size, seed, split, skip,
             max, sequential, radii, devices, num_nodes, precision, ...).
 
-    Raises :class:`~lightning_idrs.validation.UsageError` (a ValueError) for bad input, before the first
+    Raises :class:`~lightning_idrs.arguments.UsageError` (a ValueError) for bad input, before the first
     point; KeyboardInterrupt on Ctrl-C or SIGTERM (the finished rows are kept: rerun to resume).
     """
     import torch.distributed

@@ -11,7 +11,7 @@ entry (written by ``IDRSClassifier.on_save_checkpoint``, read here and nowhere e
 3. rebuilds the datamodule (its arguments may be overridden), checks that it is the data the model
    was trained on, and fits sigma on its training inputs.
 
-Every failure is a :class:`~lightning_idrs.validation.UsageError` naming the file and the fix.
+Every failure is a :class:`~lightning_idrs.arguments.UsageError` naming the file and the fix.
 Checkpoints of lightning_idrs 0.1 (``sigma: knn|constant``) load too.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.digests import state_dict_sha256
 from lightning_idrs.module import CHECKPOINT_KEY, IDRSClassifier
-from lightning_idrs.validation import UsageError, one_line
+from lightning_idrs.arguments import UsageError, one_line
 
 __all__ = ["LoadedCheckpoint", "build_datamodule", "datamodule_config", "load_checkpoint", "load_model",
            "read_checkpoint"]
@@ -144,11 +144,30 @@ def _sigma_class(config, path) -> type:
     return cls
 
 
+def _canonical(config):
+    """``config`` with every ``class_path`` spelled as its class's own module path, so that the names
+    jsonargparse resolved (``lightning_idrs.PCAProjection``) equal the defining module's
+    (``lightning_idrs.embeddings.PCAProjection``); a path that does not import stays as it is."""
+    if isinstance(config, dict):
+        config = {key: _canonical(value) for key, value in config.items()}
+        path = config.get("class_path")
+        if isinstance(path, str) and "." in path:
+            try:
+                cls = getattr(importlib.import_module(path.rpartition(".")[0]), path.rpartition(".")[2])
+                config["class_path"] = f"{cls.__module__}.{cls.__qualname__}"
+            except (ImportError, AttributeError, ValueError):
+                pass
+        return config
+    if isinstance(config, (list, tuple)):
+        return [_canonical(value) for value in config]
+    return config
+
+
 def check_sigma_record(model: IDRSClassifier, metadata: dict, path) -> None:
     """Refuse a sigma that is not the one the checkpoint was trained and recorded with: another class,
     other parameters or another semi-elasticity make another smoothed classifier (and other radii)."""
     recorded, now = metadata.get("sigma"), model.hparams.sigma
-    if recorded is not None and recorded != now:
+    if recorded is not None and _canonical(recorded) != _canonical(now):
         raise UsageError(f"{path}: its sigma hyper-parameters ({now}) differ from the sigma it recorded at save time "
                          f"({recorded}); the file was edited: use the checkpoint `fit` wrote")
     cls = f"{type(model.sigma).__module__}.{type(model.sigma).__qualname__}"

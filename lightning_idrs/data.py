@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_idrs.digests import sha256_hex
-from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, check
+from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
 __all__ = ["DataNotFoundError", "ImageTensorDataset", "IDRSDataModule", "DigitsDataModule", "MNIST5kDataModule",
            "MNISTDataModule", "CIFAR10DataModule"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_idrs.configurable import Configurable
-from lightning_idrs.validation import PositiveFloat, PositiveInt, check
+from lightning_idrs.arguments import PositiveFloat, PositiveInt, check
 
 __all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embedding_lipschitz"]
 

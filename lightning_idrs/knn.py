@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 
 __all__ = ["KnnIndex", "faiss_has_gpu", "import_faiss"]
 

@@ -15,7 +15,7 @@ import signal
 import sys
 from contextlib import contextmanager
 
-from lightning_idrs.validation import UsageError, one_line
+from lightning_idrs.arguments import UsageError, one_line
 
 __all__ = ["PeerLostError", "agree", "collective", "launch", "is_rank_zero", "started_processes",
            "terminate_as_interrupt"]

@@ -23,7 +23,7 @@ from lightning_idrs.models import build_model
 from lightning_idrs.objectives import GaussianAugmentation, Objective
 from lightning_idrs.sigma import KnnSigma, Sigma
 from lightning_idrs.smoothing import add_noise
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 
 #: The checkpoint entry with what certification needs besides the weights (read by lightning_idrs.checkpoint).
 CHECKPOINT_KEY = "lightning_idrs"

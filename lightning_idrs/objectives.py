@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_idrs.configurable import Configurable, config_of
 from lightning_idrs.smoothing import add_noise
-from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, PositiveInt, check
+from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, check
 
 __all__ = ["ConsistencyRegularization", "GaussianAugmentation", "MACER", "Objective", "ObjectiveOutput"]
 

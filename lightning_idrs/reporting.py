@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
-from lightning_idrs.validation import NonNegativeFloat, PositiveFloat, check
+from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, check
 
 __all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "plot_curves", "radius_grid", "read_summary",
            "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic", "write_summary"]

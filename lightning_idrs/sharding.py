@@ -18,7 +18,7 @@ import torch
 
 from lightning_idrs.smoothing import BrokenModelError, Certificates, PointNoise, SmoothedClassifier
 from lightning_idrs.tsv_log import TSV_HEADER
-from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
+from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
 __all__ = ["CertifySettings", "CertifiedChunk", "ROW_FIELDS", "ROW_SETTINGS", "certify_chunks", "certify_sharded",
            "plan_chunks"]

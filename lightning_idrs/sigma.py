@@ -20,7 +20,7 @@ from lightning_idrs.configurable import Configurable, config_of
 from lightning_idrs.digests import dataset_fingerprint, sha256_hex
 from lightning_idrs.embeddings import Embedding, embedding_lipschitz
 from lightning_idrs.knn import KnnIndex
-from lightning_idrs.validation import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check
+from lightning_idrs.arguments import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check
 
 __all__ = ["Sigma", "ConstantSigma", "KnnSigma", "dataset_fingerprint"]
 

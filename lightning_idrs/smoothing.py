@@ -24,7 +24,7 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
-from lightning_idrs.validation import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
+from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
 ABSTAIN = -1
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 from tests.helpers import QUIET, ViewCNN
 
 

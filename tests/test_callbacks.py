@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_idrs.callbacks import CertificationCallback, stratified_subset
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 
 FAST = ["--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false"]

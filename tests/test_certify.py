@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_idrs.commands.certify import main
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.data import DigitsDataModule
 from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.radius import certified_radius, cohen_radius

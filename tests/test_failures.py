@@ -18,7 +18,7 @@ from lightning_idrs.commands import main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_NAME
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 from tests.helpers import QUIET, env
 
 SMALL = ["--certify.n0", "10", "--certify.n", "100", "--wandb.mode", "disabled"]

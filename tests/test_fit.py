@@ -11,7 +11,7 @@ import yaml
 
 from lightning_idrs import IDRSClassifier, KnnSigma, add_noise, load_checkpoint
 from lightning_idrs.commands import main
-from lightning_idrs.commands.trainer import CONFIGS, DEFAULT_CONFIG, cli_main
+from lightning_idrs.commands.fit import CONFIGS, DEFAULT_CONFIG, cli_main
 from lightning_idrs.data import DigitsDataModule, MNISTDataModule
 
 REPO = Path(__file__).resolve().parents[1]

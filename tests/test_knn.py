@@ -9,7 +9,7 @@ import torch
 from lightning_idrs import knn
 from lightning_idrs.commands import main
 from lightning_idrs.knn import KnnIndex, faiss_has_gpu
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 
 
 @pytest.fixture

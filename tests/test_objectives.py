@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_idrs.objectives as objectives
 from lightning_idrs import ConstantSigma, DigitsDataModule, IDRSClassifier, KnnSigma
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.objectives import (ConsistencyRegularization, GaussianAugmentation, MACER, Objective,
                                        ObjectiveOutput)
 from lightning_idrs.smoothing import add_noise

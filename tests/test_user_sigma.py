@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lightning_idrs import IDRSClassifier, Sigma, certified_radius, load_checkpoint
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
 

@@ -12,7 +12,7 @@ import yaml
 from wandb.proto import wandb_internal_pb2
 
 from lightning_idrs.commands import main
-from lightning_idrs.commands.trainer import cli_main
+from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
 from lightning_idrs.wandb_logging import sigma_kind
 

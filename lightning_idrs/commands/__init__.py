@@ -1,22 +1,26 @@
 """The commands: ``python -m lightning_idrs {fit,validate,test,certify,thresholds,doctor} ...``.
 
-* ``fit`` / ``validate`` / ``test``: LightningCLI over the training module (:mod:`.trainer`);
+* ``fit`` / ``validate`` / ``test``: LightningCLI over the training module (:mod:`.fit`);
 * ``certify``: certify a checkpoint on a data split (:mod:`.certify`);
 * ``thresholds``: the curse-of-dimensionality table of sigma1/sigma0 (:mod:`.thresholds`);
 * ``dashboard``: a W&B workspace of the runs' panels (:mod:`.dashboard`).
 * ``doctor``: checks the installation, ``--gpu`` the GPU path (:mod:`.doctor`).
 
-Every command reports bad input (:class:`~lightning_idrs.validation.UsageError`, or an option that
+Every command reports bad input (:class:`~lightning_idrs.arguments.UsageError`, or an option that
 does not parse) as one ``error: ...`` line on stderr and exit code 2. Ctrl-C exits 130 and SIGTERM
 143, after one line (from rank 0 of a distributed job) saying that a rerun resumes; a process of a
 distributed job whose peer died exits 1 with one line saying so.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
 
-from lightning_idrs.validation import UsageError, one_line
+from lightning_idrs.arguments import UsageError, one_line
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the packaged configs, named without a path
 
 COMMANDS = {
     "fit": "train a base classifier under input-dependent Gaussian noise (LightningCLI)",
@@ -48,7 +52,7 @@ def describe_parse_error(error) -> str:
     if not key:
         return text
     detail = _KEY.split(text)[-1].strip()
-    rule = _RULE.search(detail)  # a rule of lightning_idrs.validation, however deeply it is nested
+    rule = _RULE.search(detail)  # a rule of lightning_idrs.arguments, however deeply it is nested
     if rule:
         return f"--{key} {rule.group(0)}"
     choice = _LITERAL.search(detail)
@@ -131,7 +135,31 @@ def main(argv=None) -> int:
     elif command == "doctor":
         from lightning_idrs.commands.doctor import main as command_main
     else:
-        from lightning_idrs.commands.trainer import main as command_main
+        from lightning_idrs.commands.fit import main as command_main
 
         return command_main(argv)
     return command_main(argv[1:])
+
+
+def packaged_config(value: str) -> str:
+    """``value`` itself, or the packaged config it names (``rs`` -> .../configs/rs.yaml)."""
+    candidate = CONFIGS / f"{value}.yaml"
+    if not Path(value).exists() and os.sep not in value and candidate.is_file():
+        return str(candidate)
+    return value
+
+
+def config_file_action(check=None):
+    """jsonargparse's ``ActionConfigFile`` (``--config``: files that stack key by key) that also takes the
+    name of a packaged config; ``check(path_or_yaml)`` may refuse a value first (UsageError)."""
+    from jsonargparse import ActionConfigFile
+
+    class PackagedConfig(ActionConfigFile):
+        def __call__(self, parser, cfg, values, option_string=None):
+            if isinstance(values, str):
+                values = packaged_config(values)
+                if check is not None:
+                    check(values)
+            super().__call__(parser, cfg, values, option_string)
+
+    return PackagedConfig

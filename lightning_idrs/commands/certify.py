@@ -20,8 +20,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_idrs.arguments import RadiusList, UsageError
 from lightning_idrs.certification import CertifyOptions, WandbOptions
-from lightning_idrs.validation import RadiusList, UsageError
+from lightning_idrs.commands import config_file_action
 
 #: The options of CertifyOptions shown in the "distributed" group (still --certify.NAME).
 DISTRIBUTED = ("accelerator", "devices", "num_nodes", "strategy", "precision", "device")
@@ -29,25 +30,15 @@ DISTRIBUTED = ("accelerator", "devices", "num_nodes", "strategy", "precision", "
 FIT_SECTIONS = ("seed_everything", "trainer", "model", "optimizer", "lr_scheduler")
 
 
-def _config_action():
-    from jsonargparse import ActionConfigFile
+def _check_config(values: str) -> None:
+    """A --config value is an existing file holding a mapping, or a YAML string."""
+    from lightning_idrs.commands import CONFIGS
 
-    from lightning_idrs.commands.trainer import CONFIGS, packaged_config
-
-    class PackagedConfig(ActionConfigFile):
-        """ActionConfigFile that also takes the name of a packaged config (digits, mnist, cifar10, rs)."""
-
-        def __call__(self, parser, cfg, values, option_string=None):
-            if isinstance(values, str):
-                values = packaged_config(values)
-                if not Path(values).is_file() and not any(c in values for c in ":{\n"):  # not a YAML mapping
-                    raise UsageError(f"--config: no such file: {values} (a path, a YAML string, or one of the "
-                                     f"packaged configs {', '.join(sorted(p.stem for p in CONFIGS.glob('*.yaml')))})")
-                if Path(values).is_file():
-                    _check_mapping(values)
-            super().__call__(parser, cfg, values, option_string)
-
-    return PackagedConfig
+    if not Path(values).is_file() and not any(c in values for c in ":{\n"):  # not a YAML mapping
+        raise UsageError(f"--config: no such file: {values} (a path, a YAML string, or one of the "
+                         f"packaged configs {', '.join(sorted(p.stem for p in CONFIGS.glob('*.yaml')))})")
+    if Path(values).is_file():
+        _check_mapping(values)
 
 
 def _check_mapping(path: str) -> None:
@@ -74,7 +65,7 @@ def build_parser():
     parser = ArgumentParser(prog="python -m lightning_idrs certify", default_env=False, exit_on_error=False,
                             description="Certify a trained lightning_idrs checkpoint (Cohen et al.'s CERTIFY), "
                             "writing certify.tsv, summary.json, certified_accuracy.png and a W&B run.")
-    parser.add_argument("--config", action=_config_action(), help="a YAML config: a packaged name (digits, mnist, "
+    parser.add_argument("--config", action=config_file_action(_check_config), help="a YAML config: a packaged name (digits, mnist, "
                         "cifar10, rs), a path or a YAML string; several stack key by key, later ones win.")
     checkpoint = parser.add_argument_group("checkpoint", "the model to certify and its data")
     checkpoint.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint written by `fit`.")

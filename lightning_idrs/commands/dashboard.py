@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_idrs.statistics import radius_key
-from lightning_idrs.validation import NonNegativeFloat, UsageError, one_line
+from lightning_idrs.arguments import NonNegativeFloat, UsageError, one_line
 from lightning_idrs.wandb_logging import MONITOR, REPORT
 
 RADII = (0.25, 0.5, 0.75, 1.0)

@@ -27,7 +27,7 @@ from lightning_idrs.knn import KnnIndex, faiss_has_gpu, import_faiss
 from lightning_idrs.models import build_model
 from lightning_idrs.sigma import ConstantSigma, KnnSigma
 from lightning_idrs.smoothing import ABSTAIN, SmoothedClassifier, use_channels_last
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 
 LIBRARIES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "jsonargparse", "numpy", "scipy",
              "scikit-learn", "matplotlib", "wandb", "filelock", "mlxtend")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_idrs.radius import sigma_ratio_bounds, worst_case_probability
-from lightning_idrs.validation import UsageError
+from lightning_idrs.arguments import UsageError
 
 PAPER_DIMS = {"MNIST": 784, "CIFAR10": 3072, "ImageNet": 196608}
 PAPER_P_B = (0.1, 0.01, 0.001, 0.00007)

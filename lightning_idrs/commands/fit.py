@@ -30,16 +30,17 @@ from contextlib import contextmanager
 from logging.handlers import MemoryHandler
 from pathlib import Path
 
+import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningCLI
 
+from lightning_idrs.arguments import UsageError, one_line
 from lightning_idrs.checkpoint import datamodule_config, load_model, read_checkpoint
+from lightning_idrs.commands import CONFIGS, config_file_action
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.reporting import keep_run_files_under
-from lightning_idrs.validation import UsageError, one_line
 from lightning_idrs.wandb_logging import LINEAGE_KEY, WandbConfigCallback, prepare_logger, wandb_offline
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIGS / "digits.yaml"
 EVALUATE = ("validate", "test")
 
@@ -108,6 +109,15 @@ class IDRSCLI(LightningCLI):
         self.checkpoint = checkpoint or {}  # ... and its checkpoint dict (W&B lineage)
         self.startup_messages = startup_messages  # released once the checks have passed
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs):
+        """LightningCLI's parser, whose ``--config`` also takes a packaged config's name (digits, rs, ...)."""
+        kwargs.setdefault("dump_header", [f"pytorch_lightning=={pl.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=config_file_action(),
+                            help="a YAML config: a packaged name (digits, mnist, mnist5k, cifar10, rs) or a path; "
+                            "several stack key by key, later ones win.")
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("input_shape", "num_classes", "mean", "std"):
@@ -185,16 +195,11 @@ class IDRSCLI(LightningCLI):
             print(f"best checkpoint: {os.path.abspath(path) if path else None}", flush=True)
 
 
-def packaged_config(value: str) -> str:
-    """``value`` itself, or the packaged config it names (``rs`` -> .../configs/rs.yaml)."""
-    candidate = CONFIGS / f"{value}.yaml"
-    if not Path(value).exists() and os.sep not in value and candidate.is_file():
-        return str(candidate)
-    return value
-
-
 def _pop_option(argv: list, name: str):
-    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns VALUE (the last one) or None."""
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv``; returns VALUE (the last one) or None.
+
+    Kept (not a parser option) on purpose: validate/test take their data module from the checkpoint,
+    which must be read, with the safe unpickler, before LightningCLI builds its parser and its defaults."""
     value, rest, i = None, [], 0
     while i < len(argv):
         if argv[i] == name and i + 1 < len(argv):
@@ -208,19 +213,9 @@ def _pop_option(argv: list, name: str):
     return value
 
 
-def _resolve_configs(argv: list) -> list:
-    out = list(argv)
-    for i, arg in enumerate(out):
-        if arg in ("--config", "-c") and i + 1 < len(out):
-            out[i + 1] = packaged_config(out[i + 1])
-        elif arg.startswith("--config="):
-            out[i] = "--config=" + packaged_config(arg.split("=", 1)[1])
-    return out
-
-
 def cli_main(args=None) -> IDRSCLI:
     """Run LightningCLI on ``args`` (``[subcommand, options...]``) and return it."""
-    args = _resolve_configs(list(args) if args is not None else sys.argv[1:])
+    args = list(args) if args is not None else sys.argv[1:]
     checkpoint_model, checkpoint = None, None
     if args and args[0] in EVALUATE:
         options = args[1:]
