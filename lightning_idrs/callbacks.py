@@ -10,7 +10,7 @@ from pytorch_lightning import Callback
 from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_grid, scalars
 from lightning_idrs.sharding import ROW_FIELDS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
-from lightning_idrs.statistics import summarize
+from lightning_idrs.statistics import summarize_columns
 from lightning_idrs.arguments import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
 
@@ -110,8 +110,7 @@ class CertificationCallback(Callback):
                                                    trainer.global_rank, trainer.world_size, pl_module.all_gather,
                                                    self.radii)))
         c = dict(zip(ROW_FIELDS, rows.T))
-        summary = summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], self.radii,
-                            self._num_classes, samples=c["samples"])
+        summary = summarize_columns(c, self.radii, self._num_classes)
         return summary, c["sigma"]
 
     def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:

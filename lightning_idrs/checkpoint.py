@@ -28,7 +28,7 @@ import torch
 
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.digests import state_dict_sha256
-from lightning_idrs.module import CHECKPOINT_KEY, IDRSClassifier
+from lightning_idrs.module import CHECKPOINT_KEY, IDRSClassifier, non_finite_weights
 from lightning_idrs.arguments import UsageError, one_line
 
 __all__ = ["LoadedCheckpoint", "build_datamodule", "datamodule_config", "load_checkpoint", "load_model",
@@ -84,8 +84,7 @@ def _check_weights(checkpoint: dict, path) -> None:
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict) or not state:
         raise UsageError(f"{path} holds no weights (no state_dict); use a checkpoint written by `fit`")
-    broken = [name for name, value in state.items()
-              if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    broken = non_finite_weights(state)
     if broken:
         raise UsageError(f"{path} has NaN or inf weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}):"
                          " the run diverged; use a checkpoint saved before it did")

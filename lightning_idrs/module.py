@@ -30,6 +30,13 @@ CHECKPOINT_KEY = "lightning_idrs"
 _PROBE = 16  # training inputs whose sigma is compared across DDP ranks
 
 
+def non_finite_weights(state) -> list:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf (the one weight check:
+    training, checkpoint loading)."""
+    return [name for name, value in state.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 class TrainingDiverged(UsageError):
     """The loss or the weights became NaN / inf: training stops and nothing more is saved."""
 
@@ -180,8 +187,7 @@ class IDRSClassifier(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         """Weights that are NaN / inf are never validated, checkpointed or certified."""
-        broken = [name for name, value in self.state_dict().items()
-                  if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        broken = non_finite_weights(self.state_dict())
         if broken:
             raise TrainingDiverged(f"training diverged: the weights {', '.join(broken[:3])} hold NaN or inf at "
                                    f"epoch {self.current_epoch}; lower the learning rate (--model.optimizer.init_args.lr)")

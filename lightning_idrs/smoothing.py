@@ -24,9 +24,9 @@ from scipy import stats
 from torch import nn
 
 from lightning_idrs.radius import certified_radius
+from lightning_idrs.statistics import ABSTAIN
 from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
-ABSTAIN = -1
 
 __all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "NOISE_BLOCK", "NOISE_VERSION", "PROJECTION_LEVEL",
            "PointNoise", "SmoothedClassifier", "add_noise",

@@ -261,3 +261,10 @@ def summarize(
         },
         "class_num_points": {str(int(k)): int(counts[k]) for k in np.flatnonzero(counts)},
     }
+
+
+def summarize_columns(columns, radii, num_classes: Optional[int] = None) -> dict:
+    """:func:`summarize` of certify rows given by column (``certify.tsv``'s names: label, predict,
+    radius, correct, sigma and, if present, samples): the one way from rows to a summary."""
+    return summarize(columns["label"], columns["predict"], columns["radius"], columns["correct"], columns["sigma"],
+                     radii, num_classes, samples=columns.get("samples"))

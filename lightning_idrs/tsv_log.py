@@ -339,11 +339,9 @@ class CertifyLog:
 
     def summarize(self, radii, num_classes: Optional[int] = None, only=None) -> dict:
         """:func:`lightning_idrs.statistics.summarize` of the rows so far (``only``: just these idx)."""
-        from lightning_idrs.statistics import summarize
+        from lightning_idrs.statistics import summarize_columns
 
-        c = self.columns(only)
-        return summarize(c["label"], c["predict"], c["radius"], c["correct"], c["sigma"], radii, num_classes,
-                         samples=c["samples"])
+        return summarize_columns(self.columns(only), radii, num_classes)
 
     def __len__(self) -> int:
         return len(self.rows)
