@@ -6,31 +6,29 @@
 * :func:`scalars`: the scalar keys logged to every logger (``PREFIX/acc@R``, ``PREFIX/acr``, the
   class-wise fairness ``PREFIX/worst_class_acc@R`` and ``PREFIX/class_gap@R``, ...);
 * :func:`plot_curves`: certified accuracy vs radius as a PNG (matplotlib's Agg canvas, no display);
-* :func:`write_summary`: ``summary.json``, written atomically as strict JSON;
+* :func:`write_summary`: ``summary.json``, written atomically as strict JSON (:mod:`lightning_idrs.jsonfiles`);
 * :func:`keep_run_files_under`: W&B's and matplotlib's own files go under the run's folder.
 
 What goes to W&B (tables, charts, runs) is :mod:`lightning_idrs.wandb_logging`'s, built on these.
 """
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, check
+from lightning_idrs.jsonfiles import SUMMARY_NAME, fsync_dir, json_ready, read_summary, write_json_atomic, write_summary
+from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 
 __all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "plot_curves", "radius_grid", "read_summary",
            "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic", "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 PathLike = Union[str, "os.PathLike[str]"]
-SUMMARY_NAME = "summary.json"
 PLOT_NAME = "certified_accuracy.png"
 _MAX_GRID = 10_000
 
@@ -139,77 +137,6 @@ def plot_curves(curves: Mapping[str, Curve], path, title: Optional[str] = None, 
 
 
 # ------------------------------------------------------------------------------ summary.json
-def fsync_dir(path: Path) -> None:
-    """Make a created/renamed directory entry durable (best effort; not possible everywhere)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def json_ready(obj: Any):
-    """Plain-JSON version of ``obj``: NumPy/torch values to Python, paths to str, non-finite floats to None."""
-    if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, str) else k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [json_ready(v) for v in (sorted(obj) if isinstance(obj, (set, frozenset)) else obj)]
-    if isinstance(obj, (str, bool)) or obj is None:
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # NumPy / torch values, without importing torch
-        return json_ready(obj.tolist())
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    raise TypeError(f"value of type {type(obj).__name__} is not JSON serialisable")
-
-
-def write_json_atomic(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fh.fileno(), 0o644)  # mkstemp creates 0600; results are meant to be shared
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def write_summary(path: PathLike, summary: Mapping[str, Any]) -> None:
-    """Write a summary dict to ``path`` as JSON, atomically (a reader never sees a partial file).
-
-    NumPy / torch scalars and arrays become Python numbers and lists; NaN and infinities become
-    ``null`` so that the file is strict JSON.
-    """
-    write_json_atomic(path, dict(summary))
-
-
-def read_summary(path: PathLike) -> dict:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-# ------------------------------------------------------------------------------ Weights & Biases
 _WANDB_FOLDERS = {"WANDB_CACHE_DIR": ".cache", "WANDB_CONFIG_DIR": ".config", "WANDB_DATA_DIR": ".data",
                   "WANDB_ARTIFACT_DIR": ".artifacts"}
 _SET_BY_US: dict = {}

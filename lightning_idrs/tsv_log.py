@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from filelock import FileLock, Timeout
 
-from lightning_idrs.reporting import fsync_dir, json_ready, write_json_atomic
+from lightning_idrs.jsonfiles import fsync_dir, json_ready, write_json_atomic
 
 __all__ = ["TSV_HEADER", "TSV_NAME", "SETTINGS_NAME", "CertifyRow", "CertifyLog", "format_row", "read_tsv"]
 
