@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
     record = args.out / "study.json"  # the command of the runs, quoted by the report
+    if args.report_only and record.is_file():  # the report covers the settings the runs were made with
+        args = parse([*json.loads(record.read_text())["flags"], "--out", str(args.out), "--report", str(args.report),
+                      "--report-only"])
     if not args.report_only:
         args.out.mkdir(parents=True, exist_ok=True)
         kept = ("--out", "--report")
