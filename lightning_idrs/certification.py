@@ -344,7 +344,7 @@ def _summarize(log, out, settings, selected, opts, ckpt_path, model, fabric):
         stats = log.summarize(grid, model.hparams.num_classes, only=selected)
     except ValueError as error:
         return "error", one_line(error)
-    summary = {**settings, "checkpoint": ckpt_path, "sigma_label": model.sigma.label, "max": opts.max,
+    summary = {**settings, "checkpoint": ckpt_path, "sigma_label": model.sigma.label, "skip": opts.skip, "max": opts.max,
                "batch_size": opts.batch_size, "points_per_chunk": opts.points_per_chunk,
                "device": fabric.device.type, "processes": fabric.world_size, "num_selected": int(len(selected)),
                **stats}

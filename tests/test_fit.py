@@ -86,7 +86,7 @@ def test_training_step_uses_each_training_points_own_sigma(monkeypatch):
     train = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     module.sigma.fit(train)
     seen = []
-    monkeypatch.setattr("lightning_idrs.module.add_noise", lambda x, s: (seen.append(s), x)[1])
+    monkeypatch.setattr("lightning_idrs.objectives.add_noise", lambda x, s: (seen.append(s), x)[1])
     idx = torch.tensor([3, 17, 5])
     module.training_step((train[idx], torch.tensor([0, 1, 2]), idx), 0)
     torch.testing.assert_close(seen[0], module.sigma.training_sigma(None, idx))

@@ -101,7 +101,7 @@ def test_sdist_and_wheel_carry_the_package_its_data_and_its_metadata(work):
     bounded = [r for r in requires if not r.startswith("lightning_idrs[")]  # [dev] names the other extras
     assert all("<" in r and ">=" in r for r in bounded), requires  # lower and upper bounds everywhere
     extras = {r.split("extra == ")[1].strip("'\"") for r in requires if "extra ==" in r}
-    assert extras == {"cpu", "gpu", "tensorboard", "test", "dev"} == set(meta.get_all("Provides-Extra"))
+    assert extras == {"cpu", "gpu", "tensorboard", "wandb", "test", "dev"} == set(meta.get_all("Provides-Extra"))
     faiss = [r for r in requires if r.startswith("faiss")]
     assert len(faiss) == 2 and all("extra ==" in r for r in faiss)  # one wheel per extra, never both at once
 

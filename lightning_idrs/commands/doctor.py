@@ -114,11 +114,11 @@ def check_knn(report: Report, device: str, n: int = 2000, d: int = 32, k: int = 
     points, queries = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((64, d)).astype(np.float32)
     index = KnnIndex(points.copy(), "Flat")
     q = torch.from_numpy(queries)
-    got = index.mean_distance(q.to(device), k, margin=16).cpu().numpy()
+    got = index.neighbour_distance(q.to(device), k, margin=16).cpu().numpy()
     if device == "cpu":
         reference, against = brute_force_knn(points, queries, k), "a float64 brute force"
     else:
-        reference, against = index.mean_distance(q, k, margin=16).numpy(), "the CPU index"
+        reference, against = index.neighbour_distance(q, k, margin=16).numpy(), "the CPU index"
     error = float(np.abs(got - reference).max())
     return report.check(f"knn {device}", error <= 1e-9 * float(np.abs(reference).max()),
                         f"{len(queries)} queries, {n} points, d={d}, k={k}: max |difference| to {against} {error:.1e}")
