@@ -26,6 +26,7 @@ def test_stratified_subset_is_balanced_and_fixed():
     assert len(set(chosen.tolist())) == 21
 
 
+@pytest.mark.slow
 def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
     cli = cli_main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "CSVLogger",
                     "--trainer.logger.save_dir", str(tmp_path), "--trainer.callbacks=[]", *CALLBACK])
@@ -50,6 +51,7 @@ def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
     assert sum(isinstance(c, CertificationCallback) for c in cli.trainer.callbacks) == 1  # attached once
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cli = cli_main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks=[]", *CALLBACK])

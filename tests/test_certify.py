@@ -48,6 +48,7 @@ def reference(checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_outputs_radii_and_summary_agree(reference, checkpoint):
     assert (reference / TSV_NAME).read_text().splitlines()[0] == "\t".join(TSV_HEADER)
     tsv, summary = read_tsv(reference / TSV_NAME), read_summary(reference / SUMMARY_NAME)
@@ -104,6 +105,7 @@ def test_outputs_radii_and_summary_agree(reference, checkpoint):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+@pytest.mark.slow
 def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
@@ -127,6 +129,7 @@ def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_p
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --certify.alpha")
 
 
+@pytest.mark.slow
 def test_resume_after_torn_write_and_extension(reference, checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     args = certify_args(checkpoint, out, "--certify.skip", "3", "--certify.max", "30")
@@ -145,6 +148,7 @@ def test_resume_after_torn_write_and_extension(reference, checkpoint, tmp_path, 
     np.testing.assert_array_equal(tsv["radius"][:30], read_tsv(reference / TSV_NAME)["radius"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_loses_no_row_and_resumes_exactly(checkpoint, tmp_path):
     args = ["--certify.n", "4000", "--certify.points_per_chunk", "2", "--certify.max", "6"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -242,6 +246,7 @@ def test_rerun_with_other_settings_into_same_directory_is_refused(checkpoint, tm
     assert (out / TSV_NAME).read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_run_channels_last_gets_one_line_and_the_way_out(viewcnn_arch, tmp_path, capsys):
     cli = cli_main(["fit", "--model.arch", viewcnn_arch, "--trainer.max_epochs", "1", "--trainer.logger", "false",
                     "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
@@ -277,6 +282,7 @@ def run_certify(checkpoint, out, *extra, wait=True):
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
     out = tmp_path / "two"
     result = run_certify(checkpoint, out, "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
@@ -286,6 +292,7 @@ def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
     assert read_summary(out / SUMMARY_NAME)["processes"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_with_one_process(checkpoint, tmp_path):
     args = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "12"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -327,6 +334,7 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_processes_started_by_torchrun_or_slurm_give_the_rows_of_one(reference, checkpoint, tmp_path):
     args = certify_args(checkpoint, tmp_path / "torchrun", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -373,6 +381,7 @@ def test_options_that_do_not_match_the_launcher_are_refused(env, flags, message,
 
 
 # ------------------------------------------------------------------------------------ sequential
+@pytest.mark.slow
 def test_sequential_certification_from_the_command_line(checkpoint, tmp_path, capsys):
     out = tmp_path / "seq"
     args = ["--ckpt_path", str(checkpoint), "--certify.n0", "10", "--certify.n", "20000", "--certify.max", "20",

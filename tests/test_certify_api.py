@@ -21,6 +21,7 @@ def rows_by_idx(result):
     return {int(i): tuple(result.rows[k][j] for k in ROWS) for j, i in enumerate(result.rows["idx"])}
 
 
+@pytest.mark.slow
 def test_rows_depend_only_on_the_seed_and_the_point(checkpoint, tmp_path):
     full = lightning_idrs.certify(checkpoint, tmp_path / "full", max=12, **QUIET)
     assert full.summary["num_points"] == 12 and (tmp_path / "full" / TSV_NAME).is_file()
@@ -90,6 +91,7 @@ def test_help_has_the_groups(capsys):
     assert text.index("distributed:") < text.rindex("--certify.num_nodes") and text.count("distributed:") == 1
 
 
+@pytest.mark.slow
 def test_default_folder_is_one_per_checkpoint_and_off_grid_radii_are_printed(checkpoint, tmp_path, capsys,
                                                                              monkeypatch):
     from lightning_idrs.digests import state_dict_sha256

@@ -45,6 +45,7 @@ def args(checkpoint, out, *extra):
 
 
 # ------------------------------------------------------------------------------------ BAD
+@pytest.mark.slow
 def test_help_and_runs_write_nothing_to_a_read_only_home(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -56,6 +57,7 @@ def test_help_and_runs_write_nothing_to_a_read_only_home(tmp_path):
     assert list(home.rglob("*")) == []
 
 
+@pytest.mark.slow
 def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_path):
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "lightning_idrs", "certify",
@@ -68,6 +70,7 @@ def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):
     other = edited(checkpoint, tmp_path / "other.ckpt",
                    lambda s: next(v for v in s["state_dict"].values() if torch.is_tensor(v)).view(-1)[:1].add_(0.5))
@@ -133,6 +136,7 @@ def test_an_output_folder_that_is_a_file_and_a_compare_that_is_no_tsv(checkpoint
     assert "output directory" not in err and "--certify.out" not in err
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes(checkpoint, tmp_path, capsys, monkeypatch):
     import lightning_idrs.reporting
     import lightning_idrs.tsv_log
@@ -198,6 +202,7 @@ def children(pid: int) -> list:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):
     out = tmp_path / "run"
     proc, flags = start_two_ranks(checkpoint, out)
@@ -209,6 +214,7 @@ def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_p
     assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
 
 
+@pytest.mark.slow
 def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):
     out = tmp_path / "run"
     proc, flags = start_two_ranks(checkpoint, out)

@@ -133,6 +133,7 @@ def test_digits_unknown_split(digits):
         digits.split_dataset("bogus")
 
 
+@pytest.mark.slow
 def test_digits_fingerprint_stable_across_processes(digits):
     fp = digits.fingerprint()
     assert re.fullmatch("[0-9a-f]{64}", fp)  # a sha256 hex digest ...

@@ -20,6 +20,7 @@ def run_doctor(tmp_path, *args, pythonpath=()):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a GPU")
 def test_doctor_gpu_without_a_gpu_says_so_after_the_cpu_checks_and_exits_0(tmp_path):
     result = run_doctor(tmp_path, "--gpu")
@@ -36,6 +37,7 @@ def test_doctor_gpu_without_a_gpu_says_so_after_the_cpu_checks_and_exits_0(tmp_p
     assert list(tmp_path.iterdir()) == [], "doctor writes nothing (not even to HOME)"
 
 
+@pytest.mark.slow
 def test_doctor_without_faiss_fails_that_check_and_still_certifies(tmp_path):
     fake = tmp_path / "fake"
     (fake / "faiss").mkdir(parents=True)

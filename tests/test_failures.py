@@ -89,6 +89,7 @@ def test_output_folder_that_is_a_file_or_unwritable(tmp_path, capsys):
     assert afile.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_download_without_network_fails_fast(tmp_path):
     proxy = "http://127.0.0.1:9"  # nothing listens on the discard port: every download is refused at once
     start = time.monotonic()
@@ -104,6 +105,7 @@ def test_download_without_network_fails_fast(tmp_path):
     nothing_to_trust(tmp_path)
 
 
+@pytest.mark.slow
 def test_diverging_run_stops_with_an_error_and_no_best_checkpoint(tmp_path, capsys):
     root = tmp_path / "run"
     code = main(["fit", "--trainer.default_root_dir", str(root), "--trainer.logger", "false", *QUIET,
@@ -122,6 +124,7 @@ def test_evaluating_a_missing_checkpoint(command, tmp_path, capsys):
                   f"checkpoint not found: {tmp_path / 'nope.ckpt'}")
 
 
+@pytest.mark.slow
 def test_test_takes_the_checkpoints_data_and_root_override(checkpoint, tmp_path, capsys):
     code = main(["test", "--ckpt_path", str(checkpoint), "--trainer.logger", "false", *QUIET,
                  "--trainer.default_root_dir", str(tmp_path)])
@@ -256,6 +259,7 @@ def test_summary_describes_exactly_the_selected_points(checkpoint, tmp_path, cap
 
 
 # ------------------------------------------------------------------------------------ faults and files
+@pytest.mark.slow
 def test_fit_killed_and_resumed_from_last_keeps_sigma(tmp_path):
     root = tmp_path / "run"
     args = [sys.executable, "-m", "lightning_idrs", "fit", "--trainer.default_root_dir", str(root),
@@ -280,6 +284,7 @@ def test_fit_killed_and_resumed_from_last_keeps_sigma(tmp_path):
     assert state["epoch"] == 11 and "Restored all states" in resumed.stdout + resumed.stderr  # all 12 epochs
 
 
+@pytest.mark.slow
 def test_nothing_lands_in_the_home_folder(checkpoint, tmp_path):
     home, run = tmp_path / "home", tmp_path / "run"
     home.mkdir()
@@ -296,6 +301,7 @@ def test_nothing_lands_in_the_home_folder(checkpoint, tmp_path):
     assert list(home.rglob("*")) == []  # no W&B log, cache or staging folder, no matplotlib cache
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_key_falls_back_to_offline_quickly(checkpoint, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -353,6 +359,7 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
     (["--model.sigma.k", "5000"], "error: the model and the data do not fit together: k must be smaller"),
     (["--model.sigma.semi_elasticity", "-1"], "error: --model.sigma.semi_elasticity must be a finite number >= 0"),
 ])
+@pytest.mark.slow
 def test_a_bad_fit_prints_exactly_one_line(tmp_path, flags, line):
     result = subprocess.run([sys.executable, "-m", "lightning_idrs", "fit", "--trainer.default_root_dir",
                              str(tmp_path / "run"), *flags], env=env(), capture_output=True, text=True, timeout=120)

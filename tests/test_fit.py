@@ -23,6 +23,7 @@ def fit(tmp_path, *extra):
     return cli_main(args)
 
 
+@pytest.mark.slow
 def test_fit_end_to_end_checkpoint_reloads_identical_sigma_and_predictions(tmp_path):
     cli = fit(tmp_path)
     path = cli.trainer.checkpoint_callback.best_model_path
@@ -48,6 +49,7 @@ def test_fit_end_to_end_checkpoint_reloads_identical_sigma_and_predictions(tmp_p
     torch.testing.assert_close(loaded.model.sigma(x), trained.sigma(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path):
     # The README's main command, shortened: no config file in the working directory.
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
@@ -92,6 +94,7 @@ def test_training_step_uses_each_training_points_own_sigma(monkeypatch):
     torch.testing.assert_close(seen[0], module.sigma.training_sigma(None, idx))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_share_sigma_and_train(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     result = subprocess.run(
@@ -126,6 +129,7 @@ def test_bad_options_are_one_error_line(tmp_path, capsys, flags, message):
     assert not list(tmp_path.iterdir()), "nothing may be written for a bad option"
 
 
+@pytest.mark.slow
 def test_checkpoint_for_other_data_is_refused(tmp_path):
     cli = fit(tmp_path, "--trainer.max_epochs", "1")
     loaded = IDRSClassifier.load_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, map_location="cpu")
@@ -156,6 +160,7 @@ def test_packaged_configs_by_name_and_rs_keeps_the_data_sets_sigma_b(capsys, dat
     assert printed_config(capsys, str(CONFIGS / f"{data}.yaml")) == idrs  # a path works as well as a name
 
 
+@pytest.mark.slow
 def test_test_subcommand_evaluates_a_checkpoint_clean_and_noisy(tmp_path):
     cli = fit(tmp_path, "--trainer.max_epochs", "3")
     path = cli.trainer.checkpoint_callback.best_model_path
@@ -165,6 +170,7 @@ def test_test_subcommand_evaluates_a_checkpoint_clean_and_noisy(tmp_path):
     assert 0.5 < float(metrics["test/clean_acc"]) <= 1 and 0.3 < float(metrics["test/noisy_acc"]) <= 1
 
 
+@pytest.mark.slow
 def test_embedding_and_index_options_are_reachable_from_the_command_line(tmp_path):
     cli = fit(tmp_path, "--trainer.max_epochs", "1", "--model.sigma.embedding", "PCAProjection",
               "--model.sigma.embedding.dim", "12", "--model.sigma.index_factory", "Flat", "--model.sigma.k", "7")

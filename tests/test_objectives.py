@@ -137,6 +137,7 @@ def test_a_users_objective_by_class_path(tmp_path):
                                                "init_args": {"smoothing": 0.2}}
 
 
+@pytest.mark.slow
 def test_bad_objective_options_are_one_line_errors(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
     for flags, word in ((["--model.objective", "torch.nn.Linear"], "objective"),

@@ -50,6 +50,7 @@ def reproduce(script, data, out, **extra):
 
 @pytest.mark.parametrize("dataset, fake, idrs", [("mnist", fake_mnist, "idrs_sb0.25_mpaper"),
                                                  ("cifar10", fake_cifar10, "idrs_sb0.25_mours")])
+@pytest.mark.slow
 def test_the_reproduction_grid_runs_and_resumes(dataset, fake, idrs, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()

@@ -256,6 +256,7 @@ _DDP_WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_metric_gathers_shards_under_ddp(tmp_path):
     table = [LABELS, PREDICT, RADIUS, CORRECT, SIGMA]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

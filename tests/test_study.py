@@ -24,6 +24,7 @@ def _study(tmp_path, *extra):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_and_resume(tmp_path):
     result = _study(tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -1,4 +1,5 @@
 """A sigma function defined outside the package, plugged in by class_path: fit, Callback, certify."""
+import pytest
 import csv
 import os
 import subprocess
@@ -46,6 +47,7 @@ def test_built_in_python_the_model_records_the_sigma_as_class_path():
                                       "init_args": {"sigma_base": 0.5, "r": 0.2, "m": 4.0}}
 
 
+@pytest.mark.slow
 def test_user_sigma_trains_with_the_callback_and_certifies_from_the_command_line(tmp_path):
     cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
                     "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path),

@@ -139,6 +139,7 @@ def certified(trained):
     return out, first, runs(out), said.getvalue()
 
 
+@pytest.mark.slow
 def test_fit_logs_the_whole_nested_config_and_keeps_results_out_of_it(trained):
     _, _, fit = trained
     config = fit.config
