@@ -202,6 +202,19 @@ class SmoothedClassifier:
         are drawn in the stages of :func:`sequential_schedule` and a point stops as soon as its
         outcome on the grid is decided (docs/math.md, "Sequential certification"); the bound of stage
         k uses alpha / K, so the certificate holds with probability >= 1 - alpha whatever the stop.
+
+        Example: a half-space classifier, class 1 where x_0 > 0, whose true radius is |x_0|:
+
+            >>> class Halfspace(nn.Module):
+            ...     def forward(self, x):
+            ...         return torch.stack([-x[:, 0], x[:, 0]], dim=1)
+            >>> from lightning_idrs import ConstantSigma
+            >>> smoothed = SmoothedClassifier(Halfspace(), ConstantSigma(0.5), num_classes=2)
+            >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+            >>> cert = smoothed.certify(x, n0=100, n=10_000, alpha=0.001, batch_size=10_000,
+            ...                         generator=torch.Generator().manual_seed(0))
+            >>> cert.prediction.tolist(), bool(((0.9 < cert.radius) & (cert.radius <= 1.0)).all())
+            ([1, 0], True)
         """
         n0, n, batch_size = (check(PositiveInt, v, name) for v, name in ((n0, "n0"), (n, "n"), (batch_size, "batch_size")))
         alpha = check(OpenUnitInterval, alpha, "alpha")

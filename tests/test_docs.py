@@ -78,7 +78,7 @@ def test_examples_in_docstrings_run(module):
     assert result.failed == 0
 
 
-@pytest.mark.parametrize("name", ["certified_radius", "sigma_ratio_bounds", "KnnSigma"])
+@pytest.mark.parametrize("name", ["certified_radius", "sigma_ratio_bounds", "KnnSigma", "SmoothedClassifier"])
 def test_the_main_public_api_has_runnable_examples(name):
     examples = doctest.DocTestFinder().find(getattr(lightning_idrs, name), name)
     assert sum(len(test.examples) for test in examples) >= 2, f"{name} has no runnable example"
