@@ -153,6 +153,8 @@ def certify(ckpt_path, out=None, *, data: Optional[dict] = None, data_root: Opti
 
 
 def _check_folder(out) -> None:
+    """Checked here, not by a jsonargparse path type: ``out`` is also an argument of the Python API (no
+    parser), and it may be new and nested (``Path_dc`` wants an existing parent)."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--certify.out {out} is a file, not a folder; name a folder (new or of an earlier run)")
 

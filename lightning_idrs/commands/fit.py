@@ -86,7 +86,12 @@ def _held_startup_messages():
 
 
 def writable_folder(path, option: str) -> Path:
-    """``path`` created if needed and proven writable, or UsageError naming ``option``."""
+    """``path`` created if needed and proven writable, or UsageError naming ``option``.
+
+    Not a jsonargparse path type on purpose: the options it checks (``trainer.default_root_dir``, a logger's
+    ``save_dir``) are typed by Lightning's own signatures; ``Path_dc`` refuses a new folder whose parent does
+    not exist yet (``runs/idrs/...`` must work) and creates nothing; ``Path_dw`` needs the folder to exist.
+    Writability is proven with a real temporary file, which also catches read-only mounts."""
     import tempfile
 
     folder = Path(path)
