@@ -142,7 +142,7 @@ class SyntheticCIFAR(IDRSDataModule):
     name, input_shape, num_classes = "synthetic-cifar", (3, 32, 32), 10
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
-    def _load_splits(self):
+    def load_splits(self):
         rng = np.random.default_rng(0)
         make = lambda n: (torch.from_numpy(rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)),  # noqa: E731
                           torch.from_numpy(rng.integers(0, 10, n)))

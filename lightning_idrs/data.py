@@ -32,7 +32,7 @@ from lightning_idrs.digests import sha256_hex
 from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
 __all__ = ["DataNotFoundError", "ImageTensorDataset", "IDRSDataModule", "DigitsDataModule", "MNIST5kDataModule",
-           "MNISTDataModule", "CIFAR10DataModule"]
+           "MNISTDataModule", "CIFAR10DataModule", "TorchvisionDataModule"]
 
 SPLITS = ("train", "val", "test")
 
@@ -83,7 +83,7 @@ class ImageTensorDataset(Dataset):
 
 
 class IDRSDataModule(pl.LightningDataModule):
-    """Base class: subclasses set the class attributes and implement :meth:`_load_splits`."""
+    """Base class: subclasses set the class attributes and implement :meth:`load_splits`."""
 
     name: str = ""
     input_shape: tuple[int, int, int] = (0, 0, 0)
@@ -103,12 +103,12 @@ class IDRSDataModule(pl.LightningDataModule):
 
     _scale: float = 255.0  # integer pixel value that maps to 1.0
 
-    # ----------------------------------------------------------------- subclass hooks
-    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+    # ----------------------------------------------------------------- hooks a data set of yours overrides
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Return ``{"train"|"val"|"test": (uint8 images [N, C, H, W], int64 labels [N])}``."""
         raise NotImplementedError
 
-    def _train_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
+    def train_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
         """Augmentation for the training loader only (never for train_inputs / split_dataset)."""
         return None
 
@@ -116,7 +116,7 @@ class IDRSDataModule(pl.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self._splits is not None:
             return
-        raw = self._load_splits()
+        raw = self.load_splits()
         splits = {}
         for split in SPLITS:
             images, labels = raw[split]
@@ -148,7 +148,7 @@ class IDRSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         clean = self._split("train")
-        train = ImageTensorDataset(clean.images, clean.labels, clean.scale, transform=self._train_transform(),
+        train = ImageTensorDataset(clean.images, clean.labels, clean.scale, transform=self.train_transform(),
                                    return_index=True)
         return self._loader(train, shuffle=True)
 
@@ -209,7 +209,7 @@ class DigitsDataModule(IDRSDataModule):
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
 
-    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -276,7 +276,7 @@ class MNIST5kDataModule(IDRSDataModule):
         images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
         return images, torch.from_numpy(table[:, -1].astype(np.int64))
 
-    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         images, labels = self.read_images()
         rng = np.random.RandomState(self.seed)
         parts: dict[str, list] = {split: [] for split in SPLITS}
@@ -293,7 +293,7 @@ class MNIST5kDataModule(IDRSDataModule):
         return out
 
 
-class _TorchvisionDataModule(IDRSDataModule):
+class TorchvisionDataModule(IDRSDataModule):
     """Shared loading for torchvision data sets: val = seeded hold-out of the official train set."""
 
     _dataset_cls_name: str = ""
@@ -331,7 +331,7 @@ class _TorchvisionDataModule(IDRSDataModule):
                 f"it, or put {self._layout_hint.format(root=root)}."
             ) from err
 
-    def _load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         official_train, official_test = self._open(True), self._open(False)
         images = self._to_nchw_uint8(official_train.data)
         labels = torch.as_tensor(official_train.targets, dtype=torch.long)
@@ -345,7 +345,7 @@ class _TorchvisionDataModule(IDRSDataModule):
         }
 
 
-class MNISTDataModule(_TorchvisionDataModule):
+class MNISTDataModule(TorchvisionDataModule):
     """MNIST (1x28x28) from ``root`` via ``torchvision.datasets.MNIST``; no augmentation.
 
     Validation: a seeded hold-out of ``val_size`` images from the official 60k training set;
@@ -365,7 +365,7 @@ class MNISTDataModule(_TorchvisionDataModule):
         return torch.as_tensor(data, dtype=torch.uint8).unsqueeze(1)
 
 
-class CIFAR10DataModule(_TorchvisionDataModule):
+class CIFAR10DataModule(TorchvisionDataModule):
     """CIFAR-10 (3x32x32) from ``root`` via ``torchvision.datasets.CIFAR10``.
 
     Validation: a seeded hold-out of ``val_size`` images from the official 50k training set;
@@ -389,7 +389,7 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     def _to_nchw_uint8(data) -> Tensor:
         return torch.as_tensor(np.asarray(data), dtype=torch.uint8).permute(0, 3, 1, 2)  # NHWC -> NCHW
 
-    def _train_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
+    def train_transform(self) -> Optional[Callable[[Tensor], Tensor]]:
         if not self.augment:
             return None
         from torchvision import transforms
