@@ -24,7 +24,7 @@ from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, check
 from lightning_idrs.jsonfiles import SUMMARY_NAME, fsync_dir, json_ready, read_summary, write_json_atomic, write_summary
 from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 
-__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "plot_curves", "radius_grid", "read_summary",
+__all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "figure", "plot_curves", "radius_grid", "read_summary",
            "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic", "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
@@ -104,31 +104,39 @@ def curve_from_tsv_columns(columns: Mapping, radii) -> np.ndarray:
     return certified_accuracy(columns["radius"], columns["correct"], radii)
 
 
-def plot_curves(curves: Mapping[str, Curve], path, title: Optional[str] = None, *, dpi: int = 120,
-                figsize: Tuple[float, float] = (6.0, 4.0)) -> Path:
-    """One or several certified-accuracy curves ``{label: (radii, accuracy)}`` as a PNG at ``path``."""
+def figure(title: Optional[str], xlabel: str, ylabel: str, *, dpi: int = 120,
+           figsize: Tuple[float, float] = (6.0, 4.0)):
+    """(figure, axes) on matplotlib's Agg canvas (no display, no pyplot state), titled, labelled, gridded:
+    the one figure set-up of every plot the package writes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def plot_curves(curves: Mapping[str, Curve], path, title: Optional[str] = None, *, dpi: int = 120,
+                figsize: Tuple[float, float] = (6.0, 4.0)) -> Path:
+    """One or several certified-accuracy curves ``{label: (radii, accuracy)}`` as a PNG at ``path``."""
     if not curves:
         raise ValueError("no curves to plot")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = figure(title, "radius (l2)", "certified accuracy", dpi=dpi, figsize=figsize)
     for label, (radii, acc) in curves.items():
         radii, acc = np.asarray(radii, dtype=np.float64), np.asarray(acc, dtype=np.float64)
         if radii.shape != acc.shape or radii.ndim != 1:
             raise ValueError(f"curve {label!r}: radii and accuracy must be 1-D of equal length")
         ax.plot(radii, acc, label=str(label), linewidth=1.8)
-    ax.set_xlabel("radius (l2)")
-    ax.set_ylabel("certified accuracy")
     ax.set_ylim(0.0, 1.0)
     ax.set_xlim(left=0.0)
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
     if len(curves) > 1 or next(iter(curves)):
         ax.legend(loc="upper right")
     fig.tight_layout()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_idrs.radius import sigma_ratio_bounds, worst_case_probability
 from lightning_idrs.arguments import UsageError
+from lightning_idrs.radius import sigma_ratio_bounds, worst_case_probability
+from lightning_idrs.reporting import figure
 
 PAPER_DIMS = {"MNIST": 784, "CIFAR10": 3072, "ImageNet": 196608}
 PAPER_P_B = (0.1, 0.01, 0.001, 0.00007)
@@ -48,20 +49,6 @@ def format_table(dims: dict, p_b) -> str:
     return "\n".join(lines)
 
 
-def _figure(title, xlabel, ylabel):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 4.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
 def write_figures(folder: Path, dims: dict, p_b) -> list:
     """The paper's threshold table and worst-case curves as markdown and PNG files in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -74,7 +61,7 @@ def write_figures(folder: Path, dims: dict, p_b) -> list:
         "Lower / upper threshold: when sigma(x1)/sigma(x0) lies outside them, x1 is never certified,\n"
         "however close it is to x0. Written by `python -m lightning_idrs thresholds --plot DIR`.\n\n"
         + "\n".join(rows) + "\n")
-    fig, ax = _figure("lower threshold on sigma1/sigma0 (Thm. 2.4)", "input dimension N", "sigma1 / sigma0")
+    fig, ax = figure("lower threshold on sigma1/sigma0 (Thm. 2.4)", "input dimension N", "sigma1 / sigma0")
     grid = np.unique(np.round(np.logspace(1, 6, 200)))
     for p in p_b:
         ax.semilogx(grid, bounds(np.full(len(grid), p), grid)[0], label=f"pB = {p:g}")
@@ -85,7 +72,7 @@ def write_figures(folder: Path, dims: dict, p_b) -> list:
     ax.legend(loc="lower right")
     fig.savefig(str(folder / "thresholds.png"))
 
-    fig, ax = _figure(f"worst case, N = {CURVE_DIM}, pB = {CURVE_P_B:g}, sigma0 = 1", "distance R",
+    fig, ax = figure(f"worst case, N = {CURVE_DIM}, pB = {CURVE_P_B:g}, sigma0 = 1", "distance R",
                       "largest runner-up probability xi(R)")
     lines = ["| R | " + " | ".join(f"s = {s:g}" for s in CURVE_RATIOS) + " |", "|---" * (len(CURVE_RATIOS) + 1) + "|"]
     table = {s: worst_case_probability(CURVE_P_B, 1.0, s, CURVE_RADII, CURVE_DIM) for s in CURVE_RATIOS}
