@@ -4,10 +4,12 @@ model that cannot run channels-last."""
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
 from torch import nn
+from wandb.proto import wandb_internal_pb2
 
 from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
 
@@ -79,3 +81,36 @@ class ViewCNN(nn.Module):
     def forward(self, x):
         features = self.conv(x)
         return self.fc(features.view(features.shape[0], -1))
+
+
+def records(path):
+    """The records of a W&B transaction log (LevelDB log format: 32 KiB blocks of CRC, length, type, data)."""
+    data, block = Path(path).read_bytes(), 32768
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += left
+            continue
+        parts = (parts if kind in (3, 4) else b"") + data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full or last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def finished_run_records(folder: Path, wait: float = 60.0) -> list:
+    """The records of an offline W&B run folder, once W&B's service has written the last one (it flushes
+    the file after ``finish`` returns, and a loaded machine can take seconds)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = [r for f in sorted(Path(folder).glob("*.wandb")) for r in records(f)]
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tests.helpers import finished_run_records
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import study_report  # noqa: E402
@@ -35,7 +37,10 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
         assert summary["num_points"] == 6 and summary["n"] == 500 and summary["radii"] == [0.25 * i for i in range(9)]
         assert summary["semi_elasticity"] == (0.05 if "r0.05" in name else 0.0)
         wandb_files = list((tmp_path / "runs" / name).rglob("*.wandb"))
-        assert len(wandb_files) == 2 and all(b"tiny-study" in f.read_bytes() for f in wandb_files)  # fit + certify
+        assert len(wandb_files) == 2  # fit + certify, both in the study's group
+        for folder in {f.parent for f in wandb_files}:
+            run = next(r.run for r in finished_run_records(folder) if r.WhichOneof("record_type") == "run")
+            assert run.run_group == "tiny-study"
         hparams = json.loads((tmp_path / "runs" / name / "run.json").read_text())
         assert hparams["spec"]["objective"] == "gaussian" and "fit_s" in hparams and "certify_s" in hparams
     report = (tmp_path / "report" / "digits.md").read_text()

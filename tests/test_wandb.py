@@ -3,18 +3,16 @@ certifications), of a certify run (and its rerun), and of ``test``, decoded with
 import contextlib
 import io
 import json
-import struct
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from wandb.proto import wandb_internal_pb2
 
 from lightning_idrs.commands import main
 from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
 from lightning_idrs.wandb_logging import sigma_kind
+from tests.helpers import finished_run_records
 
 CALLBACKS = {"trainer": {"callbacks": [
     {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
@@ -25,28 +23,6 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 # ------------------------------------------------------------------------------ reading .wandb files
-def records(path):
-    """The records of a W&B transaction log (LevelDB log format: 32 KiB blocks of CRC, length, type, data)."""
-    data, block = Path(path).read_bytes(), 32768
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    pos, parts = 7, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            pos += left
-            continue
-        parts = (parts if kind in (3, 4) else b"") + data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # full or last
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(parts)
-            yield record
-
-
 def _items(items) -> dict:
     return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items}
 
@@ -85,14 +61,8 @@ class Run:
                 self.artifacts.append(record.artifact)
         self.config = {**_nested(self.run.config.update), **self.config}
 
-    def _read(self, wait: float = 60.0) -> list:
-        """All records, once W&B's service has written the last one (it flushes the file after finish returns)."""
-        deadline = time.monotonic() + wait
-        while True:
-            found = [r for f in sorted(self.folder.glob("*.wandb")) for r in records(f)]
-            if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
-                return found
-            time.sleep(0.2)
+    def _read(self) -> list:
+        return finished_run_records(self.folder)
 
     def logged(self, key):
         return [step for step in self.history if any(k == key or k.startswith(key + "/") for k in step)]
