@@ -20,7 +20,9 @@ TINY = ["--config", "digits", "--sigma-b", "0.5", "--r", "0.05", "--objectives",
 
 
 def _study(tmp_path, *extra):
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
+    # WANDB_SERVICE: set in this process by an earlier in-process W&B run; inherited, it would make the
+    # study's runs use this process's W&B service instead of their own (and never be finalised)
+    env = {k: v for k, v in dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true").items() if k != "WANDB_SERVICE"}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "study.py"), *TINY, "--out", str(tmp_path / "runs"),
                            "--report", str(tmp_path / "report"), *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
