@@ -195,7 +195,7 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, device):
     except ValueError as error:
         raise UsageError(f"{error}; use --certify.channels_last false") from None
     try:
-        r = float(model.sigma.semi_elasticity)  # r * Lip(phi), the r of the radius
+        r = float(model.sigma.semi_elasticity)  # the r of the radius (input space)
     except ValueError as error:  # e.g. an approximate kNN index or an embedding without a Lipschitz bound
         raise UsageError(f"this checkpoint's sigma(x) cannot be certified: {one_line(error)}") from None
     dataset = datamodule.split_dataset(opts.split)

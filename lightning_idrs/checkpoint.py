@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -182,7 +183,10 @@ def check_sigma_record(model: IDRSClassifier, metadata: dict, path) -> None:
     if r is not None and not (r >= 0 and r < float("inf")):
         raise UsageError(f"the sigma class {cls} reports semi_elasticity {r}: it must be a finite number >= 0; "
                          "fix the sigma class")
-    if r != metadata["semi_elasticity"]:
+    recorded_r = metadata["semi_elasticity"]
+    # a checkpoint of 0.2 with an embedding recorded rate * Lip(phi) rounded to nearest; it is now rounded up
+    same = r == recorded_r or (r is not None and recorded_r is not None and math.isclose(r, recorded_r, rel_tol=2**-50))
+    if not same:
         raise UsageError(f"the sigma class {cls} now reports semi_elasticity {r}, but {path} recorded "
                          f"{metadata['semi_elasticity']} when it was trained: the class changed since `fit`, so this "
                          "would be another smoothed classifier; restore the class, or train again")

@@ -1,11 +1,12 @@
 """Embeddings phi for the kNN noise level sigma(x) (docs/math.md, "the kNN sigma").
 
-With an embedding, sigma(x) = sigma_b * exp(r * (mean_{i in N_k(phi(x))} ||phi(x) - phi(x_i)|| - m)),
-so log sigma is r * Lip(phi)-Lipschitz and the certificate must use r * Lip(phi).
+With an embedding, sigma(x) = sigma_b * exp(rate * (mean_{i in N_k(phi(x))} ||phi(x) - phi(x_i)|| - m)),
+so log sigma is rate * Lip(phi)-Lipschitz. ``KnnSigma(semi_elasticity=r)`` sets rate = r / Lip(phi), so
+that sigma is r-semi-elastic in input space and the certificate uses r.
 
 Convention: an embedding is any callable mapping a batch [B, ...] to [B, D']. It declares its
 Lipschitz constant (w.r.t. the Euclidean norm on both sides) as an attribute ``lipschitz_constant``;
-otherwise ``KnnSigma(embedding_lipschitz=L)`` must declare it, or certification is refused.
+otherwise ``KnnSigma(embedding_lipschitz=L)`` must declare it, or ``KnnSigma.fit`` refuses it (r > 0).
 ``embedding=None`` is the identity (flatten), Lip = 1. An embedding with a ``fit(train)`` method
 and an ``is_fitted`` property (:class:`PCAProjection`) is fitted on the training inputs by
 ``KnnSigma.fit``; from YAML: ``model.sigma.init_args.embedding: {class_path:
@@ -37,8 +38,8 @@ def embedding_lipschitz(embedding, declared=None):
 class Embedding(Configurable, nn.Module):
     """Base class of embeddings that a config can name (``model.sigma.init_args.embedding``).
 
-    ``forward`` maps [B, ...] to [B, D']; set ``lipschitz_constant`` (l2 to l2) so that certification
-    can use r * Lip(phi). In Python any callable works (``KnnSigma(embedding=...)``).
+    ``forward`` maps [B, ...] to [B, D']; set ``lipschitz_constant`` (l2 to l2) so that ``KnnSigma``
+    can scale its rate to r / Lip(phi). In Python any callable works (``KnnSigma(embedding=...)``).
     """
 
     lipschitz_constant = None

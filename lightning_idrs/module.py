@@ -230,7 +230,7 @@ class IDRSClassifier(pl.LightningModule):
         }
 
     def _certified_semi_elasticity(self) -> Optional[float]:
-        """r * Lip(phi), or None where sigma cannot be certified (undeclared Lip, approximate index)."""
+        """sigma's semi-elasticity r, or None where sigma cannot be certified (undeclared Lip, approximate index)."""
         try:
             return float(self.sigma.semi_elasticity)
         except ValueError:

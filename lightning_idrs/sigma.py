@@ -1,15 +1,17 @@
 """Noise levels sigma(x): the :class:`Sigma` interface and its two built-in implementations.
 
 * :class:`ConstantSigma`: sigma(x) = sigma_b, Cohen et al.'s randomized smoothing (RS), r = 0.
-* :class:`KnnSigma`: the paper's sigma(x) = sigma_b * exp(r * (d_k(phi(x)) - m)), where d_k is the
-  mean distance to the k nearest training points found by an exact index (``lightning_idrs.knn``).
-  d_k is 1-Lipschitz, so log sigma is r * Lip(phi)-Lipschitz: the certificate uses r * Lip(phi).
+* :class:`KnnSigma`: the paper's sigma(x) = sigma_b * exp(r * (d_k(x) - m)), where d_k is the mean
+  distance to the k nearest training points found by an exact index (``lightning_idrs.knn``), and r
+  is the semi-elasticity the certificate uses. With an embedding phi the distance is taken between
+  embedded points and the exponent's rate is r / Lip(phi), so sigma stays r-semi-elastic in input space.
 
 Any subclass of :class:`Sigma` plugs in by ``class_path`` (``--model.sigma my_module.MySigma``);
 docs/extending.md says what an implementation must guarantee and shows one.
 """
 
 import math
+from fractions import Fraction
 from typing import Literal, Optional
 
 import numpy as np
@@ -126,12 +128,32 @@ class ConstantSigma(Sigma):
         return f"sigma={self.sigma_base:g}"
 
 
+def _quotient_down(r: float, lip: float) -> float:
+    """The largest float q <= r / lip with q * lip <= r exactly (so a rate q keeps sigma r-semi-elastic)."""
+    q = r / lip
+    while Fraction(q) * Fraction(lip) > Fraction(r):
+        q = math.nextafter(q, 0.0)
+    return q
+
+
+def _product_up(q: float, lip: float) -> float:
+    """The smallest float >= q * lip (exactly)."""
+    p = q * lip
+    while Fraction(p) < Fraction(q) * Fraction(lip):
+        p = math.nextafter(p, math.inf)
+    return p
+
+
 class KnnSigma(Sigma):
-    """sigma(x) = sigma_b * exp(r * (d_k(phi(x)) - m)), d_k from an exact kNN index of the training set.
+    """sigma(x) = sigma_b * exp((r / Lip(phi)) * (d_k(phi(x)) - m)), d_k from an exact kNN index of the training set.
 
     Args:
         sigma_base: sigma_b > 0.
-        semi_elasticity: r >= 0.
+        semi_elasticity: r >= 0, the semi-elasticity of sigma in input space: the r of the certificate
+            and of the ``semi_elasticity`` property. Without an embedding (or with an orthonormal one,
+            Lip(phi) = 1) it is the rate in the exponent; with an embedding of Lipschitz constant L the
+            rate is r / L (:attr:`rate`), so r stays the input-space semi-elasticity; an embedding
+            that declares no L is then refused (``fit`` raises ValueError).
         k: neighbours averaged, 1 <= k < number of training points.
         m: normalisation; None -> set by ``fit`` to the mean over training points of d_k(x_i), each
             point excluded from its own neighbours, so a typical sigma is about sigma_b.
@@ -169,6 +191,7 @@ class KnnSigma(Sigma):
         super().__init__()
         self.sigma_base = check(PositiveFloat, sigma_base, "sigma_base")
         self.r = check(NonNegativeFloat, semi_elasticity, "semi_elasticity")
+        self._recorded_rate: Optional[float] = None  # the rate a checkpoint of 0.2 recorded (set_extra_state)
         self.k = check(PositiveInt, k, "k")
         self.m = None if m is None else check(FiniteFloat, m, "m")
         if embedding is not None and not callable(embedding):
@@ -207,18 +230,35 @@ class KnnSigma(Sigma):
         return embedding_lipschitz(self.embedding, self.embedding_lipschitz)
 
     @property
-    def semi_elasticity(self):
-        """The r the certificate must use: r * Lip(phi). Raises ValueError when it can't be justified."""
+    def rate(self) -> float:
+        """The rate in the exponent, per unit of distance between embedded points: r / Lip(phi), rounded
+        down so that rate * Lip(phi) <= r exactly. Raises ValueError when phi declares no Lipschitz constant."""
+        if self._recorded_rate is not None:
+            return self._recorded_rate
         if self.r == 0.0:
+            return 0.0
+        return _quotient_down(self.r, self._required_lipschitz())
+
+    @property
+    def semi_elasticity(self):
+        """r, the semi-elasticity of sigma in input space (the certificate's). Raises ValueError when it
+        can't be justified (an approximate index, an embedding without a declared Lipschitz constant)."""
+        if self.rate == 0.0:
             return 0.0  # sigma is the constant sigma_b whatever the index or phi
         if not self.index_is_exact:
             raise ValueError(f"index_factory={self.index_factory!r} is an approximate kNN index: its sigma(x) "
                              "is not provably r-semi-elastic, refusing to certify (use 'Flat')")
+        if self._recorded_rate is not None:  # a checkpoint of 0.2, whose r was the rate: rate * Lip(phi)
+            return _product_up(self._recorded_rate, self._required_lipschitz())
+        return self.r
+
+    def _required_lipschitz(self) -> float:
         lip = self.lipschitz_constant
         if lip is None:
-            raise ValueError(f"embedding {type(self.embedding).__name__} declares no Lipschitz constant: set "
-                             "its `lipschitz_constant` attribute or pass KnnSigma(embedding_lipschitz=L) to certify")
-        return self.r * lip
+            raise ValueError(f"embedding {type(self.embedding).__name__} declares no Lipschitz constant, so "
+                             "sigma(x) cannot be made r-semi-elastic in input space: set its `lipschitz_constant` "
+                             "attribute or pass KnnSigma(embedding_lipschitz=L)")
+        return lip
 
     @property
     def label(self):
@@ -246,6 +286,7 @@ class KnnSigma(Sigma):
                              "different sigma(x)")
         if hasattr(self.embedding, "fit") and not getattr(self.embedding, "is_fitted", True):
             self.embedding.fit(train)
+        self.rate  # refuse now an embedding that declares no Lipschitz constant (r > 0)
         emb = None
         for i in range(0, n, self.batch_size):
             block = self._embed(train[i:i + self.batch_size]).to("cpu", torch.float32).numpy()
@@ -272,23 +313,24 @@ class KnnSigma(Sigma):
     def log_error(self, sigma, reach):
         """Floating-point error of log forward(y) within ``reach`` of a point with level ``sigma``.
 
-        forward is r (d_k - m) + log sigma_b in float64, d_k a mean of k norms ||phi(y) - mu - c_i||,
+        forward is rate (d_k - m) + log sigma_b in float64, d_k a mean of k norms ||phi(y) - mu - c_i||,
         rounded to float32 at the end (2^-24 relative). Standard forward-error bounds (Higham, ch. 3)
         give |d_k^ - d_k| <= g (d_k + 2 B) with g = (D_in + D + k + 16) 2^-52 and
         B = max ||c_i|| + ||mu||, for phi evaluated in float64; and d_k(y) <= d_k(x) + Lip(phi) reach
         (d_k is Lip(phi)-Lipschitz in y; ``embedding.lipschitz_excess`` allows for a computed phi whose
         constant exceeds the declared one by a hair). See docs/math.md, "Floating point".
         """
-        if self.r == 0.0:
+        rate = self.rate
+        if rate == 0.0:
             return torch.zeros_like(sigma, dtype=torch.float64)
         self._require_fitted()
-        index, lip = self._index, self.lipschitz_constant or 1.0
-        d = self.m + torch.log(sigma.double() / self.sigma_base) / self.r + lip * reach.double()
+        index, lip = self._index, self._required_lipschitz()
+        d = self.m + torch.log(sigma.double() / self.sigma_base) / rate + lip * reach.double()
         bound = math.sqrt(index.max_sq_norm) + float(index.mu.norm())
         gamma = (self._input_features + index.d + self.k + 16) * 2.0**-52
-        float64 = self.r * gamma * (d.clamp(min=0) + 2 * bound) + self.r * abs(self.m) * 2.0**-52 + 8 * 2.0**-53
+        float64 = rate * gamma * (d.clamp(min=0) + 2 * bound) + rate * abs(self.m) * 2.0**-52 + 8 * 2.0**-53
         # an embedding whose computed Lipschitz constant may exceed the declared one by a hair
-        float64 = float64 + self.r * lip * getattr(self.embedding, "lipschitz_excess", 0.0) * reach.double()
+        float64 = float64 + rate * lip * getattr(self.embedding, "lipschitz_excess", 0.0) * reach.double()
         return float64 - math.log1p(-(2.0**-24))  # plus the rounding of the result to float32
 
     @torch.no_grad()
@@ -308,7 +350,7 @@ class KnnSigma(Sigma):
         return out
 
     def sigma_from_distance(self, dist):
-        return self.sigma_base * torch.exp(self.r * (dist - self.m))
+        return self.sigma_base * torch.exp(self.rate * (dist - self.m))
 
     def training_sigma(self, x, idx):
         """sigma of training points ``idx`` (positions in ``fit``'s train), themselves excluded."""
@@ -366,19 +408,32 @@ class KnnSigma(Sigma):
         return (self.fingerprint, self.k, self.index_factory, self.statistic, phi)
 
     def get_extra_state(self):
-        return {"version": 1, "sigma_base": self.sigma_base, "r": self.r, "k": self.k, "m": self.m,
-                "fingerprint": self.fingerprint, "embedding_lipschitz": self.embedding_lipschitz,
-                "index_factory": self.index_factory, "statistic": self.statistic}
+        return {"version": 2, "sigma_base": self.sigma_base, "semi_elasticity": self.r,
+                "recorded_rate": self._recorded_rate, "k": self.k, "m": self.m, "fingerprint": self.fingerprint,
+                "embedding_lipschitz": self.embedding_lipschitz, "index_factory": self.index_factory,
+                "statistic": self.statistic}
 
     def set_extra_state(self, state):
         self.sigma_base = check(PositiveFloat, state["sigma_base"], "sigma_base")
-        self.r = check(NonNegativeFloat, state["r"], "semi_elasticity")
         self.k = check(PositiveInt, state["k"], "k")
         self.m = None if state["m"] is None else check(FiniteFloat, state["m"], "m")
         self.fingerprint = state["fingerprint"]
         self.embedding_lipschitz = state["embedding_lipschitz"]
         self.index_factory = state["index_factory"]
         self.statistic = state.get("statistic", "mean")  # checkpoints of 0.1 have the mean only
+        if state.get("version", 1) >= 2:
+            self.r = check(NonNegativeFloat, state["semi_elasticity"], "semi_elasticity")
+            rate = state.get("recorded_rate")
+            self._recorded_rate = None if rate is None else check(NonNegativeFloat, rate, "recorded_rate")
+            return
+        # Checkpoints of 0.1/0.2 recorded the exponent's rate as r (the certificate used r * Lip(phi)): keep
+        # their sigma(x) as trained. With Lip(phi) = 1 (no embedding, PCA) rate and r are the same number.
+        rate = check(NonNegativeFloat, state["r"], "semi_elasticity")
+        lip = embedding_lipschitz(self.embedding, self.embedding_lipschitz)
+        if lip == 1.0:
+            self.r, self._recorded_rate = rate, None
+        else:  # r is what the certificate used, rounded up (undeclared Lip(phi): not certifiable, as then)
+            self.r, self._recorded_rate = (rate if lip is None else _product_up(rate, lip)), rate
 
     @staticmethod
     def _after_load(module, incompatible_keys):

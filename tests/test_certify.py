@@ -64,7 +64,7 @@ def test_outputs_radii_and_summary_agree(reference, checkpoint):
     np.testing.assert_array_equal(tsv["sigma"], sigma)
     assert sigma.std() > 0
     r, dim = summary["semi_elasticity"], summary["dim"]
-    assert r == model.sigma.r * model.sigma.lipschitz_constant == 0.2 and dim == 64
+    assert r == model.sigma.semi_elasticity == model.sigma.r == 0.2 and dim == 64
     assert summary["sigma"]["init_args"]["sigma_base"] == 0.25 and summary["sigma_label"] == model.sigma.label
     assert (summary["alpha"], summary["n0"], summary["n"]) == (0.001, 10, 200)
 

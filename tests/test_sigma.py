@@ -135,19 +135,78 @@ def test_orthonormal_projection_keeps_r(digits):
         OrthonormalProjection(2 * torch.eye(3))
 
 
-def test_declared_and_undeclared_lipschitz():
-    train = torch.rand(100, 8)
-    scaled = nn.Linear(8, 4)
-    scaled.lipschitz_constant = 2.5
-    assert KnnSigma(0.5, 0.4, 3, embedding=scaled).fit(train).semi_elasticity == pytest.approx(1.0)
+class ScaledProjection(nn.Module):
+    """phi(x) = scale * Q x with orthonormal rows Q: Lip(phi) = scale exactly."""
+
+    def __init__(self, scale, features=8, dim=4):
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(features, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        self.register_buffer("q", q)
+        self.lipschitz_constant = scale
+
+    def forward(self, x):
+        return self.lipschitz_constant * x.reshape(len(x), -1).double() @ self.q
+
+
+def test_semi_elasticity_means_r_in_input_space_with_any_embedding():
+    torch.manual_seed(0)
+    train, x, y = torch.rand(100, 8), torch.rand(300, 8), torch.rand(300, 8)
+    sigma = KnnSigma(0.5, 0.4, 3, embedding=ScaledProjection(2.5)).fit(train)
+    assert sigma.semi_elasticity == 0.4 and "r=0.4" in sigma.label  # the argument, the property, the label
+    assert sigma.rate == pytest.approx(0.16, rel=1e-15)
+    gap = (sigma(x).double().log() - sigma(y).double().log()).abs()
+    step = torch.linalg.vector_norm((x - y).double(), dim=1)
+    assert (gap <= 0.4 * step + 1e-6).all()
+    away = sigma.embedding.q[:, 0].float()  # moving away from the data along phi's range: d_k grows at Lip(phi)
+    far, farther = 50 * away[None], 50.5 * away[None]
+    tight = (sigma(farther).double().log() - sigma(far).double().log()).item()
+    assert 0.39 * 0.5 < tight <= 0.4 * 0.5  # sigma is r-semi-elastic in input space, and not less
+    expected = 0.5 * torch.exp(sigma.rate * (sigma.neighbour_distance(x) - sigma.m))
+    torch.testing.assert_close(sigma(x), expected.float())
+    declared = KnnSigma(0.5, 0.4, 3, embedding=nn.Sequential(nn.Linear(8, 4), nn.ReLU()), embedding_lipschitz=3.0)
+    assert declared.semi_elasticity == 0.4 and declared.rate * 3.0 <= 0.4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rate_is_the_largest_float_that_keeps_r(seed):
+    from fractions import Fraction
+    rng = np.random.default_rng(seed)
+    for r, lip in zip(rng.uniform(0, 2, 200), np.exp(rng.uniform(-5, 5, 200))):
+        rate = KnnSigma(0.5, float(r), 3, embedding_lipschitz=float(lip)).rate
+        assert Fraction(rate) * Fraction(float(lip)) <= Fraction(float(r))
+        assert Fraction(math.nextafter(rate, math.inf)) * Fraction(float(lip)) > Fraction(float(r))
+
+
+def test_undeclared_lipschitz_or_approximate_index_is_refused():
     learned = nn.Sequential(nn.Linear(8, 4), nn.ReLU())
-    assert KnnSigma(0.5, 0.4, 3, embedding=learned, embedding_lipschitz=3.0).semi_elasticity == pytest.approx(1.2)
-    undeclared = KnnSigma(0.5, 0.4, 3, embedding=learned).fit(train)
-    assert undeclared(train[:4]).shape == (4,)  # usable for training noise ...
-    with pytest.raises(ValueError, match="declares no Lipschitz constant"):
-        undeclared.semi_elasticity  # ... but refused for certification
+    with pytest.raises(ValueError, match="declares no Lipschitz constant, so sigma.x. cannot be made r-semi-elastic"):
+        KnnSigma(0.5, 0.4, 3, embedding=learned).fit(torch.rand(100, 8))
+    assert KnnSigma(0.5, 0.0, 3, embedding=learned).fit(torch.rand(100, 8)).semi_elasticity == 0.0  # constant
     with pytest.raises(ValueError, match="is an approximate kNN index"):
         KnnSigma(0.5, 0.4, 3, index_factory="IVF4,Flat").fit(torch.rand(200, 8)).semi_elasticity
+
+
+def test_a_checkpoint_that_recorded_the_rate_as_r_keeps_its_sigma():
+    """Version-1 extra state (lightning_idrs 0.2): r was the exponent's rate, the certificate used r * Lip."""
+    train, x = torch.rand(100, 8), torch.rand(50, 8)
+    trained = KnnSigma(0.5, 0.4, 3, embedding=ScaledProjection(2.5)).fit(train)
+    state = trained.state_dict()
+    extra = dict(state["_extra_state"])
+    for name in ("semi_elasticity", "recorded_rate"):
+        extra.pop(name)
+    state["_extra_state"] = extra | {"version": 1, "r": 0.4}
+    old = KnnSigma(0.5, 0.4, 3, embedding=ScaledProjection(2.5))
+    old.load_state_dict(state)
+    old.fit(train)
+    assert old.rate == 0.4 and old.semi_elasticity >= 1.0 and old.semi_elasticity == pytest.approx(1.0, rel=1e-15)
+    torch.testing.assert_close(old(x), (0.5 * torch.exp(0.4 * (old.neighbour_distance(x) - old.m))).float())
+    again = KnnSigma(0.5, 0.4, 3, embedding=ScaledProjection(2.5))
+    again.load_state_dict(old.state_dict())  # saved again (version 2): still the recorded rate
+    assert again.rate == 0.4 and again.semi_elasticity == old.semi_elasticity
+    plain = dict(trained.state_dict()["_extra_state"])
+    flat = KnnSigma(0.5, 0.3, 3)
+    flat.load_state_dict({"_extra_state": plain | {"version": 1, "r": 0.3, "embedding_lipschitz": None}}, strict=False)
+    assert flat.rate == flat.semi_elasticity == 0.3  # Lip(phi) = 1: the rate and r are one number
 
 
 @pytest.mark.parametrize("kwargs, match", [
