@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_idrs.digests import sha256_hex
+from lightning_idrs.digests import dataset_fingerprint
 from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, check
 
 __all__ = ["DataNotFoundError", "ImageTensorDataset", "IDRSDataModule", "DigitsDataModule", "MNIST5kDataModule",
@@ -175,7 +175,7 @@ class IDRSDataModule(pl.LightningDataModule):
         if split not in self._fingerprints:
             data = self._split(split)
             header = f"{self.name}|{tuple(self.input_shape)}|{self._scale}|{len(data)}|"
-            self._fingerprints[split] = sha256_hex(header, data.images, data.labels.to(torch.int64))
+            self._fingerprints[split] = dataset_fingerprint(data.images, data.labels, header=header)
         return self._fingerprints[split]
 
 

@@ -20,10 +20,23 @@ def _blocks(array):
         yield np.ascontiguousarray(block.numpy() if hasattr(block, "numpy") else block)
 
 
-def dataset_fingerprint(train) -> str:
-    """Hex sha256 of ``repr(shape)`` followed by the data as C-ordered float32 bytes (a tensor or an array)."""
-    x = train.detach().float() if hasattr(train, "detach") else np.asarray(train, dtype=np.float32)
-    return sha256_hex(repr(tuple(x.shape)), x)
+def dataset_fingerprint(inputs, labels=None, *, header=None) -> str:
+    """The one digest of a data set: hex SHA-256 of ``header`` (default ``repr(shape)`` of the inputs),
+    the inputs as C-ordered bytes in their own dtype, then the labels (if given) as int64.
+
+    ``KnnSigma`` fingerprints the float32 training inputs it is fitted on; a data module fingerprints
+    each split with a header naming the data set (``IDRSDataModule.fingerprint``).
+
+        >>> dataset_fingerprint(np.zeros((2, 3), np.float32)) == sha256_hex("(2, 3)", np.zeros((2, 3), np.float32))
+        True
+    """
+    if not hasattr(inputs, "detach"):
+        inputs = np.asarray(inputs)
+    arrays = [inputs]
+    if labels is not None:
+        labels = labels.detach().to("cpu").numpy() if hasattr(labels, "detach") else np.asarray(labels)
+        arrays.append(labels.astype(np.int64))
+    return sha256_hex(repr(tuple(inputs.shape)) if header is None else header, *arrays)
 
 
 def sha256_hex(header: str, *arrays) -> str:

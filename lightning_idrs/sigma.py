@@ -279,7 +279,7 @@ class KnnSigma(Sigma):
         if self.k >= n:
             raise ValueError(f"k must be smaller than the number of training points (each point is excluded "
                              f"from its own neighbours), got k={self.k} with {n} training points")
-        fingerprint = dataset_fingerprint(train)
+        fingerprint = dataset_fingerprint(train.detach().float())
         if self.fingerprint is not None and fingerprint != self.fingerprint:
             raise ValueError(f"training set fingerprint {fingerprint[:16]}... does not match the fingerprint "
                              f"{self.fingerprint[:16]}... this sigma was fitted/saved with: refusing to build a "
