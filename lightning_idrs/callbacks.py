@@ -8,9 +8,9 @@ import torch
 from pytorch_lightning import Callback
 
 from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_grid, scalars
-from lightning_idrs.sharding import ROW_FIELDS, CertifySettings, certify_sharded, plan_chunks
+from lightning_idrs.metric import ROW_FIELDS, CertifiedAccuracy
+from lightning_idrs.sharding import CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
-from lightning_idrs.statistics import summarize_columns
 from lightning_idrs.arguments import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
 
@@ -37,7 +37,8 @@ class CertificationCallback(Callback):
     semi-elasticity (Cohen's for a constant sigma). Points are certified in the same seeded chunks
     as the ``certify`` command (:func:`lightning_idrs.sharding.certify_sharded`), with the same noise
     every epoch, so a change between epochs is the model's, not the noise's. Under DDP the chunks are
-    shared out over the ranks and the rows gathered after each round, as in the command. What is
+    shared out over the ranks and the rows gathered after each round, as in the command, and summarised
+    by :class:`lightning_idrs.metric.CertifiedAccuracy`. What is
     logged is the command's, under monitoring keys ``monitor/...`` (a validation subset at small n,
     never mixed with ``certify``'s reported ``certify/...``): the scalars to every logger (and to
     ``trainer.callback_metrics``, e.g. for ModelCheckpoint), a PNG of the curve in the run directory,
@@ -106,12 +107,11 @@ class CertificationCallback(Callback):
         chunks = plan_chunks(self._indices.numpy(), self.settings.points_per_chunk)
         smoothed = SmoothedClassifier(pl_module.model, pl_module.sigma, pl_module.hparams.num_classes)
         dataset = trainer.datamodule.split_dataset("val")
-        rows = np.concatenate(list(certify_sharded(smoothed, dataset, chunks, self.settings, pl_module.device,
-                                                   trainer.global_rank, trainer.world_size, pl_module.all_gather,
-                                                   self.radii)))
-        c = dict(zip(ROW_FIELDS, rows.T))
-        summary = summarize_columns(c, self.radii, self._num_classes)
-        return summary, c["sigma"]
+        accuracy = CertifiedAccuracy(self.radii, self._num_classes, sync_on_compute=False)  # rows come gathered
+        for rows in certify_sharded(smoothed, dataset, chunks, self.settings, pl_module.device,
+                                    trainer.global_rank, trainer.world_size, self.radii):
+            accuracy.update(rows)
+        return accuracy.compute(), accuracy.gathered()[:, ROW_FIELDS.index("sigma")]
 
     def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
         epoch = trainer.current_epoch

@@ -319,7 +319,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
     try:
         with collective("certification stopped"):
             for rows in certify_sharded(smoothed, dataset, todo, opts, fabric.device, fabric.global_rank,
-                                        fabric.world_size, fabric.all_gather, radii):
+                                        fabric.world_size, radii):
                 if log is not None:  # rank 0: one write (and fsync) per round of chunks
                     try:
                         written += log.append([row for row in rows.tolist() if int(row[0]) not in log.done])

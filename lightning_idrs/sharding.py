@@ -6,8 +6,8 @@
 * :func:`plan_chunks` cuts the selected points into chunks certified together in one vectorised call.
 * :func:`certify_chunks` runs :class:`~lightning_idrs.smoothing.SmoothedClassifier` chunk by chunk.
 * :func:`certify_sharded` shares the chunks out over the ranks of a distributed job and gathers the
-  rows after each round: the ``certify`` command (Lightning Fabric) and the certification Callback
-  (the Trainer's strategy) both use it.
+  rows after each round with :class:`~lightning_idrs.metric.CertifyRows`: the ``certify`` command
+  (Lightning Fabric) and the certification Callback (the Trainer's strategy) both use it.
 """
 import time
 from dataclasses import dataclass
@@ -16,11 +16,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from lightning_idrs.metric import ROW_FIELDS, CertifyRows
 from lightning_idrs.smoothing import BrokenModelError, Certificates, PointNoise, SmoothedClassifier
-from lightning_idrs.tsv_log import TSV_HEADER
 from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
 
-__all__ = ["CertifySettings", "CertifiedChunk", "ROW_FIELDS", "ROW_SETTINGS", "certify_chunks", "certify_sharded",
+__all__ = ["CertifySettings", "CertifiedChunk", "ROW_SETTINGS", "certify_chunks", "certify_sharded",
            "plan_chunks"]
 
 
@@ -63,10 +63,6 @@ def plan_chunks(indices, points_per_chunk: int) -> list:
     """``[(c, indices[c*size:(c+1)*size])]``: the points certified together, ``points_per_chunk`` at a time."""
     indices = np.asarray(indices, dtype=np.int64)
     return [(c, indices[i:i + points_per_chunk]) for c, i in enumerate(range(0, len(indices), points_per_chunk))]
-
-
-#: The columns of :meth:`CertifiedChunk.rows`: those of ``certify.tsv``.
-ROW_FIELDS = TSV_HEADER
 
 
 @dataclass
@@ -114,27 +110,30 @@ def certify_chunks(smoothed: SmoothedClassifier, dataset, chunks: Iterable, sett
         yield CertifiedChunk(c, np.asarray(indices), labels, certificates, seconds)
 
 
+_FAILED = -2.0  # the idx of the row by which a rank tells the others that it failed
+
+
 def certify_sharded(smoothed: SmoothedClassifier, dataset, chunks: list, settings: CertifySettings, device,
-                    rank: int, world_size: int, all_gather, radii=None) -> Iterator[np.ndarray]:
+                    rank: int, world_size: int, radii=None) -> Iterator[np.ndarray]:
     """Rank r certifies chunks r, r + W, r + 2W, ... of ``chunks``; after each round the rows of all
-    ranks are gathered with ``all_gather`` (Fabric's or a LightningModule's) and yielded on every rank,
-    in chunk order: the same rows as one process would produce, for any number of ranks."""
-    width = settings.points_per_chunk
+    ranks are gathered (:class:`~lightning_idrs.metric.CertifyRows`, over the default process group that
+    Fabric or the Trainer set up) and yielded on every rank, in chunk order: the same rows as one
+    process would produce, for any number of ranks."""
     mine = certify_chunks(smoothed, dataset, chunks[rank::world_size], settings, device, radii)
+    gather = CertifyRows().to(device)
     for _ in range(-(-len(chunks) // world_size)):
-        rows = np.full((width + 1, len(ROW_FIELDS)), -1.0)  # idx -1: padding; the extra row flags a failure
+        gather.reset()
         try:
             done = next(mine, None)
-        except UsageError as error:  # tell the other ranks instead of leaving them waiting in all_gather
+        except UsageError as error:  # tell the other ranks instead of leaving them waiting in the all-gather
             failure, done = error, None
-            rows[width, 0] = -2.0
+            gather.update(np.full((1, len(ROW_FIELDS)), _FAILED))
         else:
             failure = None
-        if done is not None:
-            rows[:len(done.indices)] = done.rows()
-        gathered = all_gather(torch.from_numpy(rows).to(device)).reshape(-1, len(ROW_FIELDS)).cpu().numpy()
+        gather.update(done.rows() if done is not None else np.empty((0, len(ROW_FIELDS))))  # every rank gathers
+        gathered = gather.compute()
         if failure is not None:
             raise failure
-        if (gathered[:, 0] == -2.0).any():
+        if (gathered[:, 0] == _FAILED).any():
             raise UsageError("certification stopped: another process failed (its error is printed above)")
-        yield gathered[gathered[:, 0] >= 0]
+        yield gathered

@@ -232,6 +232,25 @@ def test_metric_compute_without_data_raises():
         m.update([0, 1], [0], [0.1], [0.2])
 
 
+def test_metric_takes_certify_rows_and_drops_markers():
+    from lightning_idrs.metric import ROW_FIELDS, CertifiedAccuracy, CertifyRows
+    from lightning_idrs.statistics import summarize_columns
+
+    columns = {"idx": np.arange(6.0), "label": LABELS, "predict": PREDICT, "radius": RADIUS, "correct": CORRECT,
+               "sigma": SIGMA, "p_a_lower": np.full(6, 0.9), "time": np.full(6, 0.1), "samples": np.arange(6) + 100.0}
+    rows = np.column_stack([np.asarray(columns[name], dtype=np.float64) for name in ROW_FIELDS])
+    m = CertifiedAccuracy(GRID, num_classes=3)
+    m.update(rows[:4])
+    m.update(np.vstack([rows[4:], rows[:1] * 0, np.full((1, len(ROW_FIELDS)), -2.0)]))  # a repeat of idx 0, a marker
+    assert m.compute() == summarize_columns(columns, GRID, num_classes=3)
+    assert m.compute()["mean_samples"] == 102.5 and m.compute()["num_points"] == 6
+    gather = CertifyRows()
+    gather.update(rows)
+    np.testing.assert_array_equal(gather.compute(), rows)
+    with pytest.raises(ValueError, match=r"^update\(\): rows must have shape \[points, 9\]"):
+        gather.update(rows[:, :5])
+
+
 _DDP_WORKER = textwrap.dedent(
     """
     import json, sys
@@ -248,7 +267,7 @@ _DDP_WORKER = textwrap.dedent(
                 correct=cor[shard])
     if rank == 0:                                              # rank 1 never updates `only0`
         only0.update(lab, pred, torch.tensor(rad, dtype=torch.float64), sig, correct=cor)
-    res = {"both": both.compute(), "only0": only0.compute(), "local_n": len(both.gathered()["labels"])}
+    res = {"both": both.compute(), "only0": only0.compute(), "local_n": len(both.gathered())}
     dist.barrier()
     dist.destroy_process_group()
     json.dump(res, open(out, "w"))
