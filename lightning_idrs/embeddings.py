@@ -12,6 +12,9 @@ and an ``is_fitted`` property (:class:`PCAProjection`) is fitted on the training
 ``KnnSigma.fit``; from YAML: ``model.sigma.init_args.embedding: {class_path:
 lightning_idrs.embeddings.PCAProjection, init_args: {dim: 20}}``.
 """
+import math
+from fractions import Fraction
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,20 +22,64 @@ from torch import nn
 from lightning_idrs.configurable import Configurable
 from lightning_idrs.arguments import PositiveFloat, PositiveInt, check
 
-__all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embedding_lipschitz"]
+__all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embed", "embedding_lipschitz", "rate_for",
+           "semi_elasticity_for"]
 
 
-def embedding_lipschitz(embedding, declared=None):
+def embedding_lipschitz(embedding, declared=None, required=False):
     """Lip(phi): ``declared`` if given, 1 for the identity (None), else ``embedding.lipschitz_constant``.
 
-    Returns None when nothing is declared (a learned phi without a bound).
+    Returns None when nothing is declared (a learned phi without a bound); ``required`` raises ValueError then.
     """
     if declared is not None:
         return check(PositiveFloat, declared, "embedding_lipschitz")
     if embedding is None:
         return 1.0
     value = getattr(embedding, "lipschitz_constant", None)
+    if value is None and required:
+        raise ValueError(f"embedding {type(embedding).__name__} declares no Lipschitz constant, so sigma(x) cannot "
+                         "be made r-semi-elastic in input space: set its `lipschitz_constant` attribute or pass "
+                         "KnnSigma(embedding_lipschitz=L)")
     return None if value is None else check(PositiveFloat, value, "embedding.lipschitz_constant")
+
+
+def embed(embedding, x: torch.Tensor) -> torch.Tensor:
+    """phi(x) as float64 [B, D'] (flatten when phi is None), phi in eval mode (a fixed function: no
+    dropout or batch statistics), on phi's device."""
+    if embedding is None:
+        return x.reshape(x.shape[0], -1).to(torch.float64)
+    device = next(iter(embedding.state_dict().values()), x).device if isinstance(embedding, nn.Module) else x.device
+    was_training = getattr(embedding, "training", False)
+    with torch.no_grad():
+        if was_training:
+            embedding.eval()
+        try:
+            out = embedding(x.to(device))
+        finally:
+            if was_training:
+                embedding.train()
+    return out.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def rate_for(r: float, lip: float) -> float:
+    """The rate per unit of embedded distance that keeps sigma r-semi-elastic in input space: the
+    largest float q <= r / lip with q * lip <= r exactly.
+
+        >>> rate_for(0.4, 2.5), rate_for(0.3, 1.0)
+        (0.16, 0.3)
+    """
+    q = r / lip
+    while Fraction(q) * Fraction(lip) > Fraction(r):
+        q = math.nextafter(q, 0.0)
+    return q
+
+
+def semi_elasticity_for(rate: float, lip: float) -> float:
+    """The semi-elasticity in input space of a rate on phi's distances: the smallest float >= rate * lip."""
+    p = rate * lip
+    while Fraction(p) < Fraction(rate) * Fraction(lip):
+        p = math.nextafter(p, math.inf)
+    return p
 
 
 class Embedding(Configurable, nn.Module):

@@ -1,17 +1,15 @@
 """Noise levels sigma(x): the :class:`Sigma` interface and its two built-in implementations.
 
 * :class:`ConstantSigma`: sigma(x) = sigma_b, Cohen et al.'s randomized smoothing (RS), r = 0.
-* :class:`KnnSigma`: the paper's sigma(x) = sigma_b * exp(r * (d_k(x) - m)), where d_k is the mean
-  distance to the k nearest training points found by an exact index (``lightning_idrs.knn``), and r
-  is the semi-elasticity the certificate uses. With an embedding phi the distance is taken between
-  embedded points and the exponent's rate is r / Lip(phi), so sigma stays r-semi-elastic in input space.
+* :class:`KnnSigma`: the paper's sigma(x) = sigma_b * exp(r * (d_k(x) - m)), d_k the mean distance to the
+  k nearest training points (an exact index, ``lightning_idrs.knn``), r the certificate's semi-elasticity;
+  with an embedding phi, d_k is taken between embedded points at the rate r / Lip(phi).
 
 Any subclass of :class:`Sigma` plugs in by ``class_path`` (``--model.sigma my_module.MySigma``);
 docs/extending.md says what an implementation must guarantee and shows one.
 """
 
 import math
-from fractions import Fraction
 from typing import Literal, Optional
 
 import numpy as np
@@ -19,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_idrs.configurable import Configurable, config_of
-from lightning_idrs.digests import dataset_fingerprint, sha256_hex
-from lightning_idrs.embeddings import Embedding, embedding_lipschitz
+from lightning_idrs.digests import dataset_fingerprint, state_dict_sha256
+from lightning_idrs.embeddings import Embedding, embed, embedding_lipschitz, rate_for, semi_elasticity_for
 from lightning_idrs.knn import KnnIndex
 from lightning_idrs.arguments import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check
 
@@ -128,32 +126,14 @@ class ConstantSigma(Sigma):
         return f"sigma={self.sigma_base:g}"
 
 
-def _quotient_down(r: float, lip: float) -> float:
-    """The largest float q <= r / lip with q * lip <= r exactly (so a rate q keeps sigma r-semi-elastic)."""
-    q = r / lip
-    while Fraction(q) * Fraction(lip) > Fraction(r):
-        q = math.nextafter(q, 0.0)
-    return q
-
-
-def _product_up(q: float, lip: float) -> float:
-    """The smallest float >= q * lip (exactly)."""
-    p = q * lip
-    while Fraction(p) < Fraction(q) * Fraction(lip):
-        p = math.nextafter(p, math.inf)
-    return p
-
-
 class KnnSigma(Sigma):
     """sigma(x) = sigma_b * exp((r / Lip(phi)) * (d_k(phi(x)) - m)), d_k from an exact kNN index of the training set.
 
     Args:
         sigma_base: sigma_b > 0.
-        semi_elasticity: r >= 0, the semi-elasticity of sigma in input space: the r of the certificate
-            and of the ``semi_elasticity`` property. Without an embedding (or with an orthonormal one,
-            Lip(phi) = 1) it is the rate in the exponent; with an embedding of Lipschitz constant L the
-            rate is r / L (:attr:`rate`), so r stays the input-space semi-elasticity; an embedding
-            that declares no L is then refused (``fit`` raises ValueError).
+        semi_elasticity: r >= 0, sigma's semi-elasticity in input space (the certificate's r, the
+            ``semi_elasticity`` property). The exponent's rate is r / Lip(phi) (:attr:`rate`; r itself
+            for Lip(phi) = 1); an embedding that declares no Lip(phi) is refused by ``fit`` (r > 0).
         k: neighbours averaged, 1 <= k < number of training points.
         m: normalisation; None -> set by ``fit`` to the mean over training points of d_k(x_i), each
             point excluded from its own neighbours, so a typical sigma is about sigma_b.
@@ -237,28 +217,22 @@ class KnnSigma(Sigma):
             return self._recorded_rate
         if self.r == 0.0:
             return 0.0
-        return _quotient_down(self.r, self._required_lipschitz())
+        return rate_for(self.r, self._required_lipschitz())
 
     @property
     def semi_elasticity(self):
-        """r, the semi-elasticity of sigma in input space (the certificate's). Raises ValueError when it
-        can't be justified (an approximate index, an embedding without a declared Lipschitz constant)."""
+        """r, sigma's semi-elasticity in input space; ValueError where unjustified (approximate index, no Lip(phi))."""
         if self.rate == 0.0:
             return 0.0  # sigma is the constant sigma_b whatever the index or phi
         if not self.index_is_exact:
             raise ValueError(f"index_factory={self.index_factory!r} is an approximate kNN index: its sigma(x) "
                              "is not provably r-semi-elastic, refusing to certify (use 'Flat')")
         if self._recorded_rate is not None:  # a checkpoint of 0.2, whose r was the rate: rate * Lip(phi)
-            return _product_up(self._recorded_rate, self._required_lipschitz())
+            return semi_elasticity_for(self._recorded_rate, self._required_lipschitz())
         return self.r
 
     def _required_lipschitz(self) -> float:
-        lip = self.lipschitz_constant
-        if lip is None:
-            raise ValueError(f"embedding {type(self.embedding).__name__} declares no Lipschitz constant, so "
-                             "sigma(x) cannot be made r-semi-elastic in input space: set its `lipschitz_constant` "
-                             "attribute or pass KnnSigma(embedding_lipschitz=L)")
-        return lip
+        return embedding_lipschitz(self.embedding, self.embedding_lipschitz, required=True)
 
     @property
     def label(self):
@@ -268,11 +242,10 @@ class KnnSigma(Sigma):
     def fit(self, train, cache_training=False):
         """Build the exact index over phi(train) ([n, ...]); set m if None; returns self.
 
-        An embedding with a ``fit`` method (e.g. ``PCAProjection``) is fitted on ``train`` first
-        unless it already is (``is_fitted``). The self-excluded training sigmas (a kNN search for
-        every training point) are computed now when m is None or ``cache_training``, else on the first
-        ``training_sigma`` call, so that certifying a loaded model never pays for them; either way on
-        the module's device (move the module to a GPU first to search there).
+        An embedding with a ``fit`` method (e.g. ``PCAProjection``) is fitted on ``train`` first unless it
+        already is (``is_fitted``). The self-excluded training sigmas (a kNN search for every training
+        point) are computed now when m is None or ``cache_training``, else on the first ``training_sigma``
+        call (certifying a loaded model never pays for them), on the module's device.
         """
         train = _as_batch(train, "train")
         n = len(train)
@@ -289,7 +262,7 @@ class KnnSigma(Sigma):
         self.rate  # refuse now an embedding that declares no Lipschitz constant (r > 0)
         emb = None
         for i in range(0, n, self.batch_size):
-            block = self._embed(train[i:i + self.batch_size]).to("cpu", torch.float32).numpy()
+            block = embed(self.embedding, train[i:i + self.batch_size]).to("cpu", torch.float32).numpy()
             if emb is None:
                 emb = np.empty((n, block.shape[1]), dtype=np.float32)
             emb[i:i + len(block)] = block
@@ -340,7 +313,7 @@ class KnnSigma(Sigma):
         x = _as_batch(x, "x")
         out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
         for i in range(0, x.shape[0], self.batch_size):
-            q = self._embed(x[i:i + self.batch_size])
+            q = embed(self.embedding, x[i:i + self.batch_size])
             if q.shape[1] != self._index.d:
                 raise ValueError(f"x has {q.shape[1]} features per point after the embedding, but the index "
                                  f"holds {self._index.d}-dimensional points")
@@ -367,24 +340,6 @@ class KnnSigma(Sigma):
         out = self.sigma_from_distance(dist).to(torch.float32)
         return out.to(x.device) if x is not None else out
 
-    # ----------------------------------------------------------------------------- helpers
-    def _embed(self, x):
-        """phi(x) as float64 [B, D'] (flatten when phi is None)."""
-        if self.embedding is None:
-            return x.reshape(x.shape[0], -1).to(torch.float64)
-        device = next(iter(self.embedding.state_dict().values()), x).device \
-            if isinstance(self.embedding, nn.Module) else x.device
-        was_training = getattr(self.embedding, "training", False)
-        with torch.no_grad():
-            if was_training:
-                self.embedding.eval()  # phi must be a fixed function (no dropout / batch statistics)
-            try:
-                out = self.embedding(x.to(device))
-            finally:
-                if was_training:
-                    self.embedding.train()
-        return out.reshape(x.shape[0], -1).to(torch.float64)
-
     def _cache_training(self):
         """d_k of every training point, itself excluded; searched on the module's device."""
         index, device = self._index, self._train_dist.device
@@ -401,10 +356,7 @@ class KnnSigma(Sigma):
 
     # ----------------------------------------------------------------------------- state
     def _index_key(self):
-        phi = None
-        if isinstance(self.embedding, nn.Module):
-            state = self.embedding.state_dict()
-            phi = sha256_hex("|".join(state), *(v.detach().reshape(-1).contiguous().view(torch.uint8) for v in state.values()))
+        phi = state_dict_sha256(self.embedding.state_dict()) if isinstance(self.embedding, nn.Module) else None
         return (self.fingerprint, self.k, self.index_factory, self.statistic, phi)
 
     def get_extra_state(self):
@@ -422,18 +374,12 @@ class KnnSigma(Sigma):
         self.index_factory = state["index_factory"]
         self.statistic = state.get("statistic", "mean")  # checkpoints of 0.1 have the mean only
         if state.get("version", 1) >= 2:
-            self.r = check(NonNegativeFloat, state["semi_elasticity"], "semi_elasticity")
-            rate = state.get("recorded_rate")
+            self.r, rate = check(NonNegativeFloat, state["semi_elasticity"], "semi_elasticity"), state["recorded_rate"]
             self._recorded_rate = None if rate is None else check(NonNegativeFloat, rate, "recorded_rate")
-            return
-        # Checkpoints of 0.1/0.2 recorded the exponent's rate as r (the certificate used r * Lip(phi)): keep
-        # their sigma(x) as trained. With Lip(phi) = 1 (no embedding, PCA) rate and r are the same number.
-        rate = check(NonNegativeFloat, state["r"], "semi_elasticity")
-        lip = embedding_lipschitz(self.embedding, self.embedding_lipschitz)
-        if lip == 1.0:
-            self.r, self._recorded_rate = rate, None
-        else:  # r is what the certificate used, rounded up (undeclared Lip(phi): not certifiable, as then)
-            self.r, self._recorded_rate = (rate if lip is None else _product_up(rate, lip)), rate
+        else:  # 0.1/0.2 recorded the exponent's rate as r (and certified rate * Lip(phi)): keep their sigma(x)
+            self._recorded_rate = check(NonNegativeFloat, state["r"], "semi_elasticity")
+            lip = embedding_lipschitz(self.embedding, self.embedding_lipschitz)
+            self.r = self._recorded_rate if lip is None else semi_elasticity_for(self._recorded_rate, lip)
 
     @staticmethod
     def _after_load(module, incompatible_keys):
@@ -443,8 +389,7 @@ class KnnSigma(Sigma):
             module._train_dist = torch.empty(0, dtype=torch.float64, device=module._train_dist.device)
 
     def __getstate__(self):
-        """Pickling / deepcopy drop the faiss index (the cached training sigmas stay): call fit(train) on
-        the copy before calling it on new inputs."""
+        """Pickling / deepcopy drop the faiss index (not the cached training sigmas): call fit(train) on a copy."""
         state = self.__dict__.copy()
         state["_index"] = None
         return state
