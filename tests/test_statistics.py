@@ -302,3 +302,57 @@ def test_metric_gathers_shards_under_ddp(tmp_path):
         assert res["both"] == expected, f"rank {rank}"
         assert res["only0"] == expected, f"rank {rank}"
         assert res["local_n"] == (2 if rank == 0 else 4)  # states are restored to the local shard after compute
+
+
+_SHARDED_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch, torch.distributed as dist
+    from torch import nn
+    from lightning_idrs import ConstantSigma, SmoothedClassifier
+    from lightning_idrs.arguments import UsageError
+    from lightning_idrs.sharding import CertifySettings, certify_sharded, plan_chunks
+    rank, init, out, fail_at = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+
+    class Points(torch.utils.data.Dataset):  # point `fail_at` cannot be read: its rank fails
+        def __len__(self):
+            return 7
+        def __getitem__(self, i):
+            if i == fail_at:
+                raise UsageError(f"point {i} is unreadable")
+            return torch.full((2,), float(i)), i % 2
+
+    torch.manual_seed(0)
+    smoothed = SmoothedClassifier(nn.Linear(2, 2), ConstantSigma(0.5), 2)
+    settings = CertifySettings(n0=8, n=32, batch_size=16, points_per_chunk=2)
+    rounds, error = [], None
+    try:
+        for rows in certify_sharded(smoothed, Points(), plan_chunks(np.arange(7), 2), settings, "cpu", rank, 2):
+            rounds.append(rows[:, 0].tolist())
+    except UsageError as failure:
+        error = str(failure)
+    dist.destroy_process_group()
+    json.dump({"rounds": rounds, "error": error}, open(out, "w"))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [-1, 6])
+def test_certify_sharded_gathers_rounds_in_chunk_order_and_stops_every_rank_on_a_failure(tmp_path, fail_at):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    init = "file://" + str(tmp_path / "rendezvous")
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARDED_WORKER, str(rank), init, str(tmp_path / f"{rank}.json"),
+                               str(fail_at)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode(errors="replace")[-3000:]
+    results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    if fail_at < 0:  # chunks (0,1) (2,3) | (4,5) (6): two rounds, every rank sees every row in chunk order
+        assert results[0] == results[1] == {"rounds": [[0, 1, 2, 3], [4, 5, 6]], "error": None}
+    else:  # chunk 3 (point 6) is rank 1's in round 2: rank 1 raises its error, rank 0 is told and stops too
+        assert [r["rounds"] for r in results] == [[[0, 1, 2, 3]]] * 2
+        assert results[1]["error"] == "point 6 is unreadable"
+        assert results[0]["error"] == "certification stopped: another process failed (its error is printed above)"
