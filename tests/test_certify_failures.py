@@ -226,3 +226,10 @@ def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint
     assert lines[-1].endswith("rerun the same command to resume") and err.count("error:") == 1, err
     assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0
     assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+
+
+def test_a_malformed_fault_hook_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_IDRS_FAULT", "kill-after=2")
+    one_line(capsys, args(checkpoint, tmp_path / "o"), "error: LIGHTNING_IDRS_FAULT=kill-after=2 is not a fault of "
+                                                       "the testing hook: kill-after-chunks=N or term-after-chunks=N")
+    assert not (tmp_path / "o").exists()
