@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -150,25 +149,16 @@ def test_resume_after_torn_write_and_extension(reference, checkpoint, tmp_path, 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_loses_no_row_and_resumes_exactly(checkpoint, tmp_path):
-    args = ["--certify.n", "4000", "--certify.points_per_chunk", "2", "--certify.max", "6"]
+    args = ["--certify.points_per_chunk", "2", "--certify.max", "6"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    proc = subprocess.Popen(
+    result = subprocess.run(  # the fault hook SIGKILLs the run right after the rows of chunks 0 and 1 are written
         [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, killed, *args)],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, env=dict(ENV, LIGHTNING_IDRS_FAULT="kill-after-chunks=2"), capture_output=True, text=True,
+        timeout=120,
     )
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            tsv = killed / TSV_NAME
-            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 3:  # header + the first chunk
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    partial = read_tsv(killed / TSV_NAME)
-    assert 2 <= len(partial["idx"]) < 6
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert (killed / TSV_NAME).read_bytes().count(b"\n") == 5  # the header and 4 whole rows, nothing torn
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(4))
     assert main(certify_args(checkpoint, killed, *args)) == 0
     assert main(certify_args(checkpoint, straight, *args)) == 0
     assert same_rows(killed, straight)
@@ -274,12 +264,9 @@ def test_wandb_offline_run_folder_inside_output(checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ several processes
-def run_certify(checkpoint, out, *extra, wait=True):
+def run_certify(checkpoint, out, *extra, **environment):
     command = [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, out, *extra)]
-    if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=dict(ENV, **environment), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -294,23 +281,15 @@ def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_with_one_process(checkpoint, tmp_path):
-    args = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "12"]
+    args = ["--certify.points_per_chunk", "2", "--certify.max", "12"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    proc = run_certify(checkpoint, killed, *args, *TWO_RANKS, wait=False)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            tsv = killed / TSV_NAME
-            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # header + the first round (2 chunks)
-                break
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: both processes
-    finally:
-        proc.wait(timeout=30)
-    partial = read_tsv(killed / TSV_NAME)
-    assert 4 <= len(partial["idx"]) < 12, "the run must be killed part way"
-    assert run_certify(checkpoint, killed, *args).returncode == 0  # resumed by one process
-    assert run_certify(checkpoint, straight, *args).returncode == 0
+    # rank 0, the one that writes, is SIGKILLed right after it wrote the second round (chunks 0-3); rank 1 then
+    # stops because its peer died (capture_output waits for both: rank 1 holds the pipes too)
+    result = run_certify(checkpoint, killed, *args, *TWO_RANKS, LIGHTNING_IDRS_FAULT="kill-after-chunks=4@rank0")
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(8))
+    assert main(certify_args(checkpoint, killed, *args)) == 0  # resumed by one process
+    assert main(certify_args(checkpoint, straight, *args)) == 0
     assert same_rows(killed, straight)
     np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(12))
 

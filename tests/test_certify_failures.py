@@ -1,8 +1,6 @@
 """certify's bad and poor cases of an adversarial review: each is one clear line, the documented exit code,
 and nothing half-written (multi-process cases with two gloo processes on this machine)."""
 import errno
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -183,49 +181,47 @@ def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start,
 
 
 # ------------------------------------------------------------------------------------ POOR: signals and dead ranks
-def start_two_ranks(checkpoint, out):
-    flags = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "16", *TWO_RANKS]
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args(checkpoint, out, *flags)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        tsv = out / TSV_NAME
-        if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # the first round of rows is written
-            return proc, flags
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("the run ended before it could be stopped: " + proc.communicate()[1][-2000:])
+FLAGS = ["--certify.points_per_chunk", "2", "--certify.max", "16"]
 
 
-def children(pid: int) -> list:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def two_ranks_stopped_by(fault, checkpoint, out):
+    """A two-process job that the fault hook ``fault`` stops after its first round (chunks 0 and 1: 4 rows).
+    A session of its own: a SIGTERM to the job's process group reaches the job, not the test. Returns once
+    both processes are gone (both hold the pipes)."""
+    return subprocess.run([sys.executable, "-m", "lightning_idrs", "certify",
+                           *args(checkpoint, out, *FLAGS, *TWO_RANKS)],
+                          env=dict(ENV, LIGHTNING_IDRS_FAULT=fault), capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
 
 
 @pytest.mark.slow
 def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):
     out = tmp_path / "run"
-    proc, flags = start_two_ranks(checkpoint, out)
-    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler sends to a job
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err
+    # rank 0 sends SIGTERM to the job's process group (what a scheduler does) right after writing the first round
+    result = two_ranks_stopped_by("term-after-chunks=2@rank0", checkpoint, out)
+    err = result.stderr
+    assert result.returncode == 143, err
     assert err.count("stopped by SIGTERM") == 1 and "Traceback" not in err, err
-    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0  # resumed by one process
-    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == [0, 1, 2, 3]
+    assert main(["certify", *args(checkpoint, out, *FLAGS)]) == 0  # resumed by one process
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == list(range(16))
 
 
 @pytest.mark.slow
 def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):
-    out = tmp_path / "run"
-    proc, flags = start_two_ranks(checkpoint, out)
-    os.kill(children(proc.pid)[0], signal.SIGKILL)  # rank 1 dies (out of memory, a lost node)
-    err = proc.communicate(timeout=120)[1]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    # rank 1 dies (out of memory, a lost node) right after the first round: rank 0 writes that round, certifies
+    # its next chunk and finds its peer gone when it gathers the second round
+    result = two_ranks_stopped_by("kill-after-chunks=2@rank1", checkpoint, out)
+    err = result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert result.returncode == 1 and "Traceback" not in err, err
     assert lines[-1].startswith("error: ") and "another process of the job stopped" in lines[-1], err
     assert lines[-1].endswith("rerun the same command to resume") and err.count("error:") == 1, err
-    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0
-    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == [0, 1, 2, 3]
+    assert main(["certify", *args(checkpoint, out, *FLAGS)]) == 0
+    assert main(["certify", *args(checkpoint, straight, *FLAGS)]) == 0
+    assert same_rows(out, straight)
 
 
 def test_a_malformed_fault_hook_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
