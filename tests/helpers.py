@@ -1,13 +1,15 @@
 """What several test modules share (no test module imports another): paths and environments for
-subprocesses, the small certify settings, row comparison, launcher environments, fake data sets and a
-model that cannot run channels-last."""
+subprocesses, the small certify settings, row comparison, launcher environments, a callback that kills a
+fit at an exact point, fake data sets and a model that cannot run channels-last."""
 import os
+import signal
 import socket
 import struct
 import time
 from pathlib import Path
 
 import numpy as np
+from pytorch_lightning import Callback
 from torch import nn
 from wandb.proto import wandb_internal_pb2
 
@@ -51,6 +53,20 @@ def slurm_env(rank, tasks=2, per_node=2, port="29500") -> dict:
     return {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "certify", "SLURM_JOB_ID": "4242",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+class HardStop(Callback):
+    """SIGKILLs its own process when epoch ``after_epoch`` + 1 starts, i.e. right after every hook of epoch
+    ``after_epoch``: its last.ckpt is complete on disk (ModelCheckpoint saves in on_train_epoch_end when
+    validation runs every epoch; on_train_epoch_start of the next epoch comes after it). A fit killed at an
+    exact point: ``--trainer.callbacks+={"class_path": "tests.helpers.HardStop", "init_args": {...}}``."""
+
+    def __init__(self, after_epoch: int):
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > self.after_epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
