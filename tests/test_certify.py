@@ -15,7 +15,7 @@ from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.radius import certified_radius, cohen_radius
 from lightning_idrs.reporting import PLOT_NAME, SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
-from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
+from tests.helpers import ENV, SMALL, TWO_RANKS, run_slurm_tasks, same_rows, slurm_env
 
 
 def certify_args(checkpoint, out, *extra):
@@ -316,16 +316,14 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
 @pytest.mark.slow
 def test_processes_started_by_torchrun_or_slurm_give_the_rows_of_one(reference, checkpoint, tmp_path):
     args = certify_args(checkpoint, tmp_path / "torchrun", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--master-port", free_port(), "-m", "lightning_idrs", "certify", *args],
+    # --standalone: torchrun's agent binds its rendezvous store on a port of the OS's choice and the ranks join
+    # it there; no port is picked for it in advance (one could be taken before it is bound)
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "lightning_idrs", "certify", *args],
                               env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     args = certify_args(checkpoint, tmp_path / "slurm", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
-    port = free_port()
-    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args],
-                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    results = run_slurm_tasks([["certify", *args]] * 2, cwd=tmp_path)
     assert [code for _, _, code in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     for out in ("torchrun", "slurm"):
         assert same_rows(tmp_path / out, reference)

@@ -1,6 +1,7 @@
 """certify's bad and poor cases of an adversarial review: each is one clear line, the documented exit code,
 and nothing half-written (multi-process cases with two gloo processes on this machine)."""
 import errno
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from lightning_idrs.commands import main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
-from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
+from tests.helpers import ENV, SMALL, TWO_RANKS, run_slurm_tasks, same_rows
 
 
 def one_line(capsys, argv, start, code=2):
@@ -72,17 +73,27 @@ def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_pa
 def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):
     other = edited(checkpoint, tmp_path / "other.ckpt",
                    lambda s: next(v for v in s["state_dict"].values() if torch.is_tensor(v)).view(-1)[:1].add_(0.5))
-    out, port = tmp_path / "out", free_port()
-    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify",
-                               *args(path, out, "--certify.max", "4", *TWO_RANKS)],
-                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank, path in enumerate((checkpoint, other))]
-    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    out = tmp_path / "out"
+    results = run_slurm_tasks([["certify", *args(path, out, "--certify.max", "4", *TWO_RANKS)]
+                               for path in (checkpoint, other)], cwd=tmp_path)
     assert [code for _, _, code in results] == [2, 2], results
     for _, err, _ in results:
         assert err.strip().splitlines()[-1].startswith("error: the processes of the job do not agree on "
                                                        "checkpoint_sha256"), err
     assert not (out / TSV_NAME).exists()
+
+
+@pytest.mark.slow
+def test_slurm_tasks_on_a_taken_port_are_started_again(checkpoint, tmp_path):
+    """What run_slurm_tasks relies on: rank 0 on a MASTER_PORT another process took stops at once with
+    "address already in use" (the helper then starts the job again on another port)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(AssertionError, match="every port tried for MASTER_PORT was taken by another process"):
+            run_slurm_tasks([["certify", *args(checkpoint, tmp_path / "o", *TWO_RANKS)]] * 2, cwd=tmp_path,
+                            ports=[other.getsockname()[1]])
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("change, message", [
