@@ -312,14 +312,14 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
     """Certify the chunks ``todo`` over all processes; rank 0 appends the new rows. Returns #new rows."""
     from tqdm import tqdm
 
-    from lightning_idrs.launching import collective
+    from lightning_idrs.launching import collective, fault_point
     from lightning_idrs.sharding import certify_sharded
 
     written, bar = 0, None
     try:
         with collective("certification stopped"):
-            for rows in certify_sharded(smoothed, dataset, todo, opts, fabric.device, fabric.global_rank,
-                                        fabric.world_size, radii):
+            for rounds, rows in enumerate(certify_sharded(smoothed, dataset, todo, opts, fabric.device,
+                                                          fabric.global_rank, fabric.world_size, radii), start=1):
                 if log is not None:  # rank 0: one write (and fsync) per round of chunks
                     try:
                         written += log.append([row for row in rows.tolist() if int(row[0]) not in log.done])
@@ -330,6 +330,7 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
                                desc="certify", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0,
                                file=sys.stderr, disable=fabric.global_rank != 0)
                 bar.update(len(rows))
+                fault_point(min(rounds * fabric.world_size, len(todo)))  # a testing hook; nothing when unset
     finally:
         if bar is not None:
             bar.close()

@@ -6,6 +6,7 @@
   before the first point, else all of them stop with one line naming what differs.
 * :func:`collective`: a collective whose peer died becomes one line saying the run stopped and how
   to resume it (instead of gloo's / NCCL's traceback).
+* :func:`fault_point`: a testing hook (:data:`FAULT_VARIABLE`) that stops the job hard at an exact point.
 """
 from __future__ import annotations
 
@@ -17,11 +18,18 @@ from contextlib import contextmanager
 
 from lightning_idrs.arguments import UsageError, one_line
 
-__all__ = ["PeerLostError", "agree", "collective", "launch", "is_rank_zero", "started_processes",
-           "terminate_as_interrupt"]
+__all__ = ["FAULT_VARIABLE", "PeerLostError", "agree", "collective", "fault_point", "launch", "is_rank_zero",
+           "started_processes", "terminate_as_interrupt"]
 
 
 _RANK = None  # this process's global rank once launched (the process group may be gone when it is asked)
+
+#: A testing hook, unset in normal use: ``kill-after-chunks=N`` makes the process SIGKILL itself, and
+#: ``term-after-chunks=N`` send SIGTERM to its process group (as a scheduler stops a job), right after the
+#: round that completes this run's N-th chunk (rank 0: once its rows are appended and fsync'ed; other ranks:
+#: once they are gathered); ``@rankR`` limits it to global rank R. Tests stop a run at an exact point with it.
+FAULT_VARIABLE = "LIGHTNING_IDRS_FAULT"
+_FAULT = None  # (signal, chunks, rank or None) of FAULT_VARIABLE, read once by launch()
 
 
 class PeerLostError(RuntimeError):
@@ -60,11 +68,36 @@ def _check_topology(devices: int, num_nodes: int) -> None:
                          f"--certify.num_nodes {started // per_node}")
 
 
+def _read_fault():
+    value = os.environ.get(FAULT_VARIABLE, "")
+    if not value:
+        return None
+    match = re.fullmatch(r"(kill|term)-after-chunks=([1-9][0-9]*)(?:@rank([0-9]+))?", value)
+    if match is None:
+        raise UsageError(f"{FAULT_VARIABLE}={value} is not a fault of the testing hook: kill-after-chunks=N or "
+                         "term-after-chunks=N, optionally with @rankR (e.g. kill-after-chunks=2@rank1); or unset it")
+    action, chunks, rank = match.groups()
+    return {"kill": signal.SIGKILL, "term": signal.SIGTERM}[action], int(chunks), None if rank is None else int(rank)
+
+
+def fault_point(chunks_done: int) -> None:
+    """Stop as :data:`FAULT_VARIABLE` asks once this run's ``chunks_done`` chunks are written."""
+    if _FAULT is None or chunks_done < _FAULT[1] or _FAULT[2] not in (None, _RANK):
+        return
+    if _FAULT[0] == signal.SIGKILL:
+        os.kill(os.getpid(), signal.SIGKILL)
+    else:  # certify's SIGTERM handler raises KeyboardInterrupt at once, in this very call
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+
 def launch(opts):
     """A Lightning Fabric for ``opts`` (a CertifyOptions), launched: with several devices it starts the
     other processes (torchrun and SLURM start them instead); every process then runs the rest of the job."""
     import torch
     from lightning_fabric import Fabric
+
+    global _RANK, _FAULT
+    _FAULT = _read_fault()  # before any process starts: a malformed value is one error line
 
     accelerator = {"cuda": "gpu"}.get(opts.device, opts.device) if opts.device else opts.accelerator
     if accelerator == "gpu" and not torch.cuda.is_available():
@@ -90,7 +123,6 @@ def launch(opts):
         raise UsageError(f"cannot start {opts.devices} process(es) x {opts.num_nodes} node(s) here: {one_line(error)}"
                          + (f" (--certify.devices must match the tasks per node {launcher} started)" if launcher
                             else "")) from None
-    global _RANK
     _RANK = fabric.global_rank
     return fabric
 

@@ -1,13 +1,18 @@
 """What several test modules share (no test module imports another): paths and environments for
-subprocesses, the small certify settings, row comparison, launcher environments, fake data sets and a
-model that cannot run channels-last."""
+subprocesses, the small certify settings, row comparison, launcher environments and SLURM-style tasks,
+a callback that kills a fit at an exact point, fake data sets and a model that cannot run channels-last."""
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from pytorch_lightning import Callback
 from torch import nn
 from wandb.proto import wandb_internal_pb2
 
@@ -38,19 +43,67 @@ def same_rows(a, b) -> bool:
     return all(np.array_equal(ta[k], tb[k]) for k in ROWS)
 
 
-def free_port() -> str:
-    """A port free a moment ago (the OS may hand it out again before the process under test binds it;
-    the tests that use it start their processes at once)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def slurm_env(rank, tasks=2, per_node=2, port="29500") -> dict:
     """What srun gives task ``rank`` of a one-node job (MASTER_ADDR spares resolving a node list)."""
     return {"SLURM_NTASKS": str(tasks), "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "certify", "SLURM_JOB_ID": "4242",
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+def _unused_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def run_slurm_tasks(argvs, cwd, ports=None, timeout=300) -> list:
+    """Run ``python -m lightning_idrs ARGV`` once per rank, as srun starts the tasks of a one-node job
+    (``argvs[rank]``); returns ``[(stdout, stderr, returncode)]`` per rank.
+
+    Rank 0 binds MASTER_PORT for the job's rendezvous, as on a cluster. Only binding a port holds it, so
+    the port handed to the tasks was free a moment before, and another process may take it before rank 0
+    binds it: then rank 0 stops at once with "address already in use" and the job is started again on
+    another port (``ports``: the ports to try; default: three that were unused). Every other outcome is
+    returned as it is. The output goes to files: a task blocked on a full pipe would stall the collectives.
+    """
+    for port in ports if ports is not None else (_unused_port() for _ in range(3)):
+        with tempfile.TemporaryDirectory() as logs:
+            files = [(Path(logs) / f"{rank}.out", Path(logs) / f"{rank}.err") for rank in range(len(argvs))]
+            tasks = []
+            try:
+                for rank, (argv, (out, err)) in enumerate(zip(argvs, files)):
+                    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+                        tasks.append(subprocess.Popen(
+                            [sys.executable, "-m", "lightning_idrs", *argv], cwd=cwd, stdout=stdout, stderr=stderr,
+                            env=dict(ENV, **slurm_env(rank, tasks=len(argvs), port=str(port)))))
+                tasks[0].wait(timeout=timeout)
+                taken = tasks[0].returncode == 2 and "address already in use" in files[0][1].read_text()
+                for task in tasks[1:]:
+                    if taken:  # it would wait for rank 0's store until its timeout
+                        task.kill()
+                    task.wait(timeout=timeout)
+            finally:  # a timeout: leave no task behind
+                for task in tasks:
+                    if task.poll() is None:
+                        task.kill()
+                        task.wait()
+            if not taken:
+                return [(out.read_text(), err.read_text(), task.returncode) for task, (out, err) in zip(tasks, files)]
+    raise AssertionError("every port tried for MASTER_PORT was taken by another process")
+
+
+class HardStop(Callback):
+    """SIGKILLs its own process when epoch ``after_epoch`` + 1 starts, i.e. right after every hook of epoch
+    ``after_epoch``: its last.ckpt is complete on disk (ModelCheckpoint saves in on_train_epoch_end when
+    validation runs every epoch; on_train_epoch_start of the next epoch comes after it). A fit killed at an
+    exact point: ``--trainer.callbacks+={"class_path": "tests.helpers.HardStop", "init_args": {...}}``."""
+
+    def __init__(self, after_epoch: int):
+        self.after_epoch = after_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > self.after_epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

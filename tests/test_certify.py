@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.radius import certified_radius, cohen_radius
 from lightning_idrs.reporting import PLOT_NAME, SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_HEADER, TSV_NAME, read_tsv
-from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
+from tests.helpers import ENV, SMALL, TWO_RANKS, run_slurm_tasks, same_rows, slurm_env
 
 
 def certify_args(checkpoint, out, *extra):
@@ -150,25 +149,16 @@ def test_resume_after_torn_write_and_extension(reference, checkpoint, tmp_path, 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_loses_no_row_and_resumes_exactly(checkpoint, tmp_path):
-    args = ["--certify.n", "4000", "--certify.points_per_chunk", "2", "--certify.max", "6"]
+    args = ["--certify.points_per_chunk", "2", "--certify.max", "6"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    proc = subprocess.Popen(
+    result = subprocess.run(  # the fault hook SIGKILLs the run right after the rows of chunks 0 and 1 are written
         [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, killed, *args)],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, env=dict(ENV, LIGHTNING_IDRS_FAULT="kill-after-chunks=2"), capture_output=True, text=True,
+        timeout=120,
     )
-    deadline = time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            tsv = killed / TSV_NAME
-            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 3:  # header + the first chunk
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    partial = read_tsv(killed / TSV_NAME)
-    assert 2 <= len(partial["idx"]) < 6
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert (killed / TSV_NAME).read_bytes().count(b"\n") == 5  # the header and 4 whole rows, nothing torn
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(4))
     assert main(certify_args(checkpoint, killed, *args)) == 0
     assert main(certify_args(checkpoint, straight, *args)) == 0
     assert same_rows(killed, straight)
@@ -274,12 +264,9 @@ def test_wandb_offline_run_folder_inside_output(checkpoint, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ several processes
-def run_certify(checkpoint, out, *extra, wait=True):
+def run_certify(checkpoint, out, *extra, **environment):
     command = [sys.executable, "-m", "lightning_idrs", "certify", *certify_args(checkpoint, out, *extra)]
-    if not wait:
-        return subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
-    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=dict(ENV, **environment), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -294,23 +281,15 @@ def test_two_processes_give_the_rows_of_one(reference, checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_with_one_process(checkpoint, tmp_path):
-    args = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "12"]
+    args = ["--certify.points_per_chunk", "2", "--certify.max", "12"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    proc = run_certify(checkpoint, killed, *args, *TWO_RANKS, wait=False)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            tsv = killed / TSV_NAME
-            if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # header + the first round (2 chunks)
-                break
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job: both processes
-    finally:
-        proc.wait(timeout=30)
-    partial = read_tsv(killed / TSV_NAME)
-    assert 4 <= len(partial["idx"]) < 12, "the run must be killed part way"
-    assert run_certify(checkpoint, killed, *args).returncode == 0  # resumed by one process
-    assert run_certify(checkpoint, straight, *args).returncode == 0
+    # rank 0, the one that writes, is SIGKILLed right after it wrote the second round (chunks 0-3); rank 1 then
+    # stops because its peer died (capture_output waits for both: rank 1 holds the pipes too)
+    result = run_certify(checkpoint, killed, *args, *TWO_RANKS, LIGHTNING_IDRS_FAULT="kill-after-chunks=4@rank0")
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(8))
+    assert main(certify_args(checkpoint, killed, *args)) == 0  # resumed by one process
+    assert main(certify_args(checkpoint, straight, *args)) == 0
     assert same_rows(killed, straight)
     np.testing.assert_array_equal(read_tsv(killed / TSV_NAME)["idx"], np.arange(12))
 
@@ -337,16 +316,14 @@ def test_bad_distributed_options(flags, message, checkpoint, tmp_path, capsys):
 @pytest.mark.slow
 def test_processes_started_by_torchrun_or_slurm_give_the_rows_of_one(reference, checkpoint, tmp_path):
     args = certify_args(checkpoint, tmp_path / "torchrun", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--master-port", free_port(), "-m", "lightning_idrs", "certify", *args],
+    # --standalone: torchrun's agent binds its rendezvous store on a port of the OS's choice and the ranks join
+    # it there; no port is picked for it in advance (one could be taken before it is bound)
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "lightning_idrs", "certify", *args],
                               env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     args = certify_args(checkpoint, tmp_path / "slurm", "--certify.skip", "3", "--certify.max", "30", *TWO_RANKS)
-    port = free_port()
-    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args],
-                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    results = run_slurm_tasks([["certify", *args]] * 2, cwd=tmp_path)
     assert [code for _, _, code in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     for out in ("torchrun", "slurm"):
         assert same_rows(tmp_path / out, reference)

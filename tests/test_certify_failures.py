@@ -1,8 +1,7 @@
 """certify's bad and poor cases of an adversarial review: each is one clear line, the documented exit code,
 and nothing half-written (multi-process cases with two gloo processes on this machine)."""
 import errno
-import os
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from lightning_idrs.commands import main
 from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME
 from lightning_idrs.tsv_log import TSV_NAME, read_tsv
-from tests.helpers import ENV, SMALL, TWO_RANKS, free_port, same_rows, slurm_env
+from tests.helpers import ENV, SMALL, TWO_RANKS, run_slurm_tasks, same_rows
 
 
 def one_line(capsys, argv, start, code=2):
@@ -74,17 +73,27 @@ def test_several_nodes_without_a_launcher_are_refused_at_once(checkpoint, tmp_pa
 def test_ranks_on_different_checkpoints_stop_before_the_first_point(checkpoint, tmp_path):
     other = edited(checkpoint, tmp_path / "other.ckpt",
                    lambda s: next(v for v in s["state_dict"].values() if torch.is_tensor(v)).view(-1)[:1].add_(0.5))
-    out, port = tmp_path / "out", free_port()
-    tasks = [subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify",
-                               *args(path, out, "--certify.max", "4", *TWO_RANKS)],
-                              env=dict(ENV, **slurm_env(rank, port=port)), cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank, path in enumerate((checkpoint, other))]
-    results = [task.communicate(timeout=300) + (task.returncode,) for task in tasks]
+    out = tmp_path / "out"
+    results = run_slurm_tasks([["certify", *args(path, out, "--certify.max", "4", *TWO_RANKS)]
+                               for path in (checkpoint, other)], cwd=tmp_path)
     assert [code for _, _, code in results] == [2, 2], results
     for _, err, _ in results:
         assert err.strip().splitlines()[-1].startswith("error: the processes of the job do not agree on "
                                                        "checkpoint_sha256"), err
     assert not (out / TSV_NAME).exists()
+
+
+@pytest.mark.slow
+def test_slurm_tasks_on_a_taken_port_are_started_again(checkpoint, tmp_path):
+    """What run_slurm_tasks relies on: rank 0 on a MASTER_PORT another process took stops at once with
+    "address already in use" (the helper then starts the job again on another port)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(AssertionError, match="every port tried for MASTER_PORT was taken by another process"):
+            run_slurm_tasks([["certify", *args(checkpoint, tmp_path / "o", *TWO_RANKS)]] * 2, cwd=tmp_path,
+                            ports=[other.getsockname()[1]])
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -183,46 +192,51 @@ def test_checkpoint_problems_name_the_cause_without_unrelated_hints(edit, start,
 
 
 # ------------------------------------------------------------------------------------ POOR: signals and dead ranks
-def start_two_ranks(checkpoint, out):
-    flags = ["--certify.n", "3000", "--certify.points_per_chunk", "2", "--certify.max", "16", *TWO_RANKS]
-    proc = subprocess.Popen([sys.executable, "-m", "lightning_idrs", "certify", *args(checkpoint, out, *flags)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        tsv = out / TSV_NAME
-        if tsv.is_file() and tsv.read_bytes().count(b"\n") >= 5:  # the first round of rows is written
-            return proc, flags
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("the run ended before it could be stopped: " + proc.communicate()[1][-2000:])
+FLAGS = ["--certify.points_per_chunk", "2", "--certify.max", "16"]
 
 
-def children(pid: int) -> list:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def two_ranks_stopped_by(fault, checkpoint, out):
+    """A two-process job that the fault hook ``fault`` stops after its first round (chunks 0 and 1: 4 rows).
+    A session of its own: a SIGTERM to the job's process group reaches the job, not the test. Returns once
+    both processes are gone (both hold the pipes)."""
+    return subprocess.run([sys.executable, "-m", "lightning_idrs", "certify",
+                           *args(checkpoint, out, *FLAGS, *TWO_RANKS)],
+                          env=dict(ENV, LIGHTNING_IDRS_FAULT=fault), capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
 
 
 @pytest.mark.slow
 def test_sigterm_stops_every_rank_with_one_message_and_resumes(checkpoint, tmp_path):
     out = tmp_path / "run"
-    proc, flags = start_two_ranks(checkpoint, out)
-    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler sends to a job
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err
+    # rank 0 sends SIGTERM to the job's process group (what a scheduler does) right after writing the first round
+    result = two_ranks_stopped_by("term-after-chunks=2@rank0", checkpoint, out)
+    err = result.stderr
+    assert result.returncode == 143, err
     assert err.count("stopped by SIGTERM") == 1 and "Traceback" not in err, err
-    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0  # resumed by one process
-    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == [0, 1, 2, 3]
+    assert main(["certify", *args(checkpoint, out, *FLAGS)]) == 0  # resumed by one process
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == list(range(16))
 
 
 @pytest.mark.slow
 def test_a_rank_killed_by_sigkill_leaves_one_line_and_a_resumable_run(checkpoint, tmp_path):
-    out = tmp_path / "run"
-    proc, flags = start_two_ranks(checkpoint, out)
-    os.kill(children(proc.pid)[0], signal.SIGKILL)  # rank 1 dies (out of memory, a lost node)
-    err = proc.communicate(timeout=120)[1]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    # rank 1 dies (out of memory, a lost node) right after the first round: rank 0 writes that round, certifies
+    # its next chunk and finds its peer gone when it gathers the second round
+    result = two_ranks_stopped_by("kill-after-chunks=2@rank1", checkpoint, out)
+    err = result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert result.returncode == 1 and "Traceback" not in err, err
     assert lines[-1].startswith("error: ") and "another process of the job stopped" in lines[-1], err
     assert lines[-1].endswith("rerun the same command to resume") and err.count("error:") == 1, err
-    assert main(["certify", *args(checkpoint, out, *flags[:-len(TWO_RANKS)])]) == 0
-    assert len(read_tsv(out / TSV_NAME)["idx"]) == 16
+    assert read_tsv(out / TSV_NAME)["idx"].tolist() == [0, 1, 2, 3]
+    assert main(["certify", *args(checkpoint, out, *FLAGS)]) == 0
+    assert main(["certify", *args(checkpoint, straight, *FLAGS)]) == 0
+    assert same_rows(out, straight)
+
+
+def test_a_malformed_fault_hook_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_IDRS_FAULT", "kill-after=2")
+    one_line(capsys, args(checkpoint, tmp_path / "o"), "error: LIGHTNING_IDRS_FAULT=kill-after=2 is not a fault of "
+                                                       "the testing hook: kill-after-chunks=N or term-after-chunks=N")
+    assert not (tmp_path / "o").exists()

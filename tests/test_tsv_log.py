@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -243,17 +242,20 @@ def test_locking_works_without_fcntl(tmp_path):
 # ------------------------------------------------------------------------------------------
 # a real kill -9
 # ------------------------------------------------------------------------------------------
-WRITER = ROW_SOURCE + textwrap.dedent(
+BATCHES = (1, 7, 60, 400)  # rows per append: small and large ones (400 rows are a 30 KB write)
+WRITER = ROW_SOURCE + f"BATCHES = {BATCHES!r}\n" + textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, signal, sys
     import lightning_idrs.tsv_log as results
-    out, stop, settings, tear = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    out, stop, settings = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    kill_after, tear = int(sys.argv[4]), int(sys.argv[5])
     log = results.CertifyLog(out, settings)
     i = max(log.done) + 1 if log.done else 0
     k = 0
     if tear:
         # Freeze the process in the middle of a write, as a kill during the syscall would: the
-        # batch after `tear` more batches writes only part of its bytes, then waits for the kill.
+        # batch after `tear` more batches writes only part of its bytes, says so, and blocks
+        # (reading stdin) until the test kills it.
         write_all, calls = results._write_all, [0]
         def torn_write(fd, data):
             calls[0] += 1
@@ -261,16 +263,28 @@ WRITER = ROW_SOURCE + textwrap.dedent(
                 return write_all(fd, data)
             os.write(fd, data[: len(data) // 2 + 3])
             print("torn", flush=True)
-            time.sleep(600)
+            sys.stdin.read()
+            os._exit(1)  # stdin closed without a kill: the test is gone
         results._write_all = torn_write
     while i < stop:
-        size = (1, 7, 60, 400)[k % 4]  # small and large batches (a large one is a 30 KB write)
+        size = BATCHES[k % len(BATCHES)]
         log.append([expected_row(j) for j in range(i, min(i + size, stop))])
         i, k = min(i + size, stop), k + 1
-        time.sleep(0.001)
+        if k == kill_after:  # a real kill -9 of the writing process, with its file open and locked
+            os.kill(os.getpid(), signal.SIGKILL)
     log.close()
     """
 )
+
+
+def _rows_after(previous: int, kill_after: int, tear: int) -> int:
+    """The rows on disk once a writer that resumed after row ``previous`` is killed: those of its first
+    ``kill_after`` batches, or those of its first ``tear`` batches and the whole lines of the torn one."""
+    start = previous + sum(BATCHES[k % len(BATCHES)] for k in range(kill_after or tear))
+    if not tear:
+        return start
+    data = "".join(format_row(row) for row in rows(start, start + BATCHES[tear % len(BATCHES)])).encode()
+    return start + data[: len(data) // 2 + 3].count(b"\n")  # the bytes the writer's torn write kept
 
 
 def _check_prefix(out_dir):
@@ -288,41 +302,31 @@ def test_kill_9_loses_no_row_and_leaves_no_torn_or_duplicate_row(tmp_path):
     out = tmp_path / "out"
     stop = 6000
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    writer = [sys.executable, "-c", WRITER, str(out), str(stop), json.dumps(SETTINGS)]
     tsv = out / TSV_NAME
     previous = 0
-    # (rows to wait for, batches before a torn write or 0): kills at arbitrary points of the loop,
-    # and one while a write is half done
-    for wait_lines, tear in ((40, 0), (900, 0), (0, 6), (2500, 0)):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(out), str(stop), json.dumps(SETTINGS), str(tear)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        target = previous + wait_lines
+    # (batches after which the writer SIGKILLs itself, or 0; batches before a torn write, or 0): kills between
+    # two appends after small and large batches, and one while a write is half done
+    for kill_after, tear in ((3, 0), (9, 0), (0, 6), (14, 0)):
+        proc = subprocess.Popen(writer + [str(kill_after), str(tear)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if tear:
             assert proc.stdout.readline() == b"torn\n", proc.stderr.read().decode()[-2000:]
             with open(tsv, "rb") as fh:
                 assert not fh.read().endswith(b"\n")  # the file really holds a torn line now
-        else:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and proc.poll() is None:
-                if tsv.exists() and tsv.read_bytes().count(b"\n") > target:
-                    break
-                time.sleep(0.0005)
-        assert proc.poll() is None, f"writer ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        assert proc.returncode == -signal.SIGKILL
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+        stderr = proc.stderr.read().decode()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
         done, repaired = _check_prefix(out)
-        assert done >= target, "rows that were on disk before the kill were lost"
-        assert done < stop
-        if tear:
-            assert repaired is not None and done > previous
+        assert done == _rows_after(previous, kill_after, tear), "rows on disk before the kill were lost or doubled"
+        assert (repaired is not None) == bool(tear)  # only the torn write leaves a partial line to drop
         previous = done
+    assert previous < stop
     # the last run resumes and completes: every point exactly once, in order
-    subprocess.run([sys.executable, "-c", WRITER, str(out), str(stop), json.dumps(SETTINGS), "0"],
-                   env=env, check=True, timeout=120)
+    subprocess.run(writer + ["0", "0"], env=env, check=True, timeout=120)
     assert _check_prefix(out)[0] == stop
     assert read_tsv(tsv)["idx"].tolist() == list(range(stop))
 
