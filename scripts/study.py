@@ -77,7 +77,7 @@ def certify_command(checkpoint: str, args, folder: Path) -> list:
                "--certify.skip", str(args.skip), "--certify.out", str(folder / "certify"), "--wandb.mode", args.wandb]
     if args.max:
         command += ["--certify.max", str(args.max)]
-    if args.wandb != "disabled" and args.certify_has_group:
+    if args.wandb != "disabled":
         command += ["--wandb.group", args.group]
     return command
 
@@ -141,13 +141,6 @@ def parse(argv=None):
     return args
 
 
-def certify_lists_group(env) -> bool:
-    """Whether this version's `certify` has --wandb.group (else the W&B group comes from WANDB_RUN_GROUP)."""
-    result = subprocess.run([sys.executable, "-m", "lightning_idrs", "certify", "--help"], capture_output=True,
-                            text=True, env=env, cwd=REPO)
-    return "--wandb.group" in result.stdout
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
@@ -167,7 +160,6 @@ def main(argv=None) -> int:
     specs = settings(args)
     failed = []
     if not args.report_only:
-        args.certify_has_group = certify_lists_group(env)
         start = time.perf_counter()
 
         def one(spec):
