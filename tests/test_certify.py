@@ -105,7 +105,7 @@ def test_outputs_radii_and_summary_agree(reference, checkpoint):
 
 
 @pytest.mark.slow
-def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_path):
+def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "lightning_idrs", "certify",
@@ -119,13 +119,10 @@ def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_p
     assert same_rows(out, reference)  # same seed, same chunks: identical certificates in a new process
     assert (out / PLOT_NAME).is_file()
 
-    bad = subprocess.run(  # bad options fail fast with one line, before the checkpoint is looked at
-        [sys.executable, "-m", "lightning_idrs", "certify", "--ckpt_path", str(tmp_path / "missing.ckpt"),
-         "--certify.alpha", "1.5"],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60,
-    )
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("error: --certify.alpha")
+    bad = main(["--ckpt_path", str(tmp_path / "missing.ckpt"), "--certify.alpha", "1.5"])
+    err = capsys.readouterr().err  # bad options fail fast with one line, before the checkpoint is looked at
+    assert bad == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: --certify.alpha must be a number in (0, 1), got 1.5"
 
 
 @pytest.mark.slow

