@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_idrs.commands.certify import main
+from lightning_idrs.checkpoint import load_checkpoint
 from lightning_idrs.commands.fit import cli_main
 from lightning_idrs.data import DigitsDataModule
 from lightning_idrs.module import IDRSClassifier
@@ -117,6 +118,9 @@ def test_subprocess_run_reproduces_rows_and_reports(reference, checkpoint, tmp_p
     assert "Traceback" not in result.stderr
     assert "certified accuracy: R=0:" in result.stdout and "ACR" in result.stdout
     assert same_rows(out, reference)  # same seed, same chunks: identical certificates in a new process
+    data = load_checkpoint(checkpoint).datamodule  # the data's fingerprints: the same in a new process
+    summary = read_summary(out / SUMMARY_NAME)
+    assert (summary["data_fingerprint"], summary["split_fingerprint"]) == (data.fingerprint(), data.fingerprint("test"))
     assert (out / PLOT_NAME).is_file()
 
     bad = main(["--ckpt_path", str(tmp_path / "missing.ckpt"), "--certify.alpha", "1.5"])
