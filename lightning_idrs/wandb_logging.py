@@ -97,6 +97,16 @@ def _wandb_runs(trainer) -> list:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, _LightningWandbLogger)]
 
 
+def finish_runs(trainer, failed: bool = False) -> None:
+    """Finish the W&B runs that ``trainer``'s loggers started (exit code 1 if ``failed``). Lightning leaves
+    them open for the rest of the process, and its WandbLogger reuses an open run: a second ``fit`` in the
+    same process (a notebook, a sweep calling ``main``) would log into the first one's run and folder."""
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, _LightningWandbLogger) else None
+        if run is not None and hasattr(run, "finish"):  # rank 0 only; other ranks hold no run
+            run.finish(exit_code=1 if failed else 0)
+
+
 class WandbConfigCallback(SaveConfigCallback):
     """``config.yaml`` as LightningCLI writes it, plus for every W&B logger: the full resolved config
     (nested: trainer, model with the sigma's class_path/init_args and the optimizer, data, callbacks,

@@ -55,9 +55,9 @@ def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
 def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cli = cli_main(["fit", *FAST, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks=[]", *CALLBACK])
-    cli.trainer.logger.experiment.finish()  # Lightning leaves the run open in this process
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    assert cli.trainer.logger.experiment.settings.run_id == runs[0].name.rsplit("-", 1)[1]
     tables = sorted(runs[0].rglob("curve_table_*.table.json"), key=lambda p: int(p.name.split("_")[2]))
     assert len(tables) == 2, "the certified-accuracy wandb.Table must be in the offline run, once per certification"
     table = json.loads(tables[-1].read_text())  # the last one holds every epoch's curve

@@ -85,9 +85,29 @@ def trained(tmp_path_factory):
         patch.setenv("WANDB_SILENT", "true")
         cli = cli_main(["fit", "--config", str(config), "--trainer.max_epochs", "2", *QUIET,
                         "--trainer.default_root_dir", str(root / "run")])
-        cli.trainer.logger.experiment.finish()
     (fit,) = runs(root / "run")
     return root, cli.trainer.checkpoint_callback.best_model_path, fit
+
+
+def test_every_fit_in_one_process_gets_a_finished_run_of_its_own(tmp_path):
+    """Lightning leaves a W&B run open for the rest of the process, and its WandbLogger reuses an open run:
+    the command finishes its own, so a second fit in one process (a notebook, a sweep calling ``main``) logs
+    into a run and folder of its own; a fit that fails finishes its run with exit code 1."""
+    def fit(name, *extra):
+        return main(["fit", "--trainer.default_root_dir", str(tmp_path / name), "--trainer.max_epochs", "1",
+                     "--trainer.limit_train_batches", "3", *QUIET, *extra])
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+        patch.setenv("WANDB_SILENT", "true")
+        assert fit("first") == 0 and fit("second") == 0
+        assert fit("diverged", "--model.optimizer.init_args.lr", "1e12") == 2
+    folders = [runs(tmp_path / name) for name in ("first", "second", "diverged")]
+    assert [len(found) for found in folders] == [1, 1, 1]
+    first, second, diverged = (found[0] for found in folders)
+    assert len({first.run.run_id, second.run.run_id, diverged.run.run_id}) == 3
+    exits = [next(r.exit for r in run.records if r.WhichOneof("record_type") == "exit")
+             for run in (first, second, diverged)]
+    assert [e.exit_code for e in exits] == [0, 0, 1]
 
 
 def _certify(checkpoint, out, *extra):
@@ -216,7 +236,6 @@ def test_test_writes_its_own_folder_and_never_changes_the_fit_config(trained, ca
         patch.setenv("WANDB_SILENT", "true")
         cli = cli_main(["test", "--ckpt_path", checkpoint, "--trainer.max_epochs", "30", *QUIET,
                         "--trainer.default_root_dir", str(root / "run")])
-        cli.trainer.logger.experiment.finish()
     assert (root / "run" / "config.yaml").read_bytes() == before
     assert yaml.safe_load((root / "run" / "test" / "config.yaml").read_text())["trainer"]["max_epochs"] == 30
     (tested,) = runs(root / "run" / "test")

@@ -39,7 +39,8 @@ from lightning_idrs.commands import CONFIGS, config_file_action
 from lightning_idrs.data import DataNotFoundError, IDRSDataModule
 from lightning_idrs.module import IDRSClassifier
 from lightning_idrs.reporting import keep_run_files_under
-from lightning_idrs.wandb_logging import LINEAGE_KEY, WandbConfigCallback, prepare_logger, wandb_offline
+from lightning_idrs.wandb_logging import (LINEAGE_KEY, WandbConfigCallback, finish_runs, prepare_logger,
+                                         wandb_offline)
 
 DEFAULT_CONFIG = CONFIGS / "digits.yaml"
 EVALUATE = ("validate", "test")
@@ -123,6 +124,15 @@ class IDRSCLI(LightningCLI):
                             help="a YAML config: a packaged name (digits, mnist, mnist5k, cifar10, rs) or a path; "
                             "several stack key by key, later ones win.")
         return parser
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The subcommand, then its W&B runs finished, whether it succeeded or not (the command owns them)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            finish_runs(self.trainer, failed=True)
+            raise
+        finish_runs(self.trainer)
 
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("input_shape", "num_classes", "mean", "std"):
