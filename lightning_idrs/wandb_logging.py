@@ -15,6 +15,7 @@ results under ``certify/`` (:data:`MONITOR`, :data:`REPORT`); both have the same
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -61,8 +62,10 @@ def _new_id() -> str:
 
 
 def _run_line(run) -> str:
-    """Where a run's files are, and how to upload them."""
+    """Where a run's files are (relative to the current folder when inside it), and how to upload them."""
     folder = Path(run.dir).parent
+    with contextlib.suppress(ValueError):
+        folder = folder.resolve().relative_to(Path.cwd().resolve())
     if run.settings._offline:
         return f"W&B: offline run {run.id} in {folder}; upload it with: wandb sync {folder}"
     return f"W&B: run {run.id} at {run.url} (files in {folder})"

@@ -59,7 +59,10 @@ def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path
     line = [l for l in result.out.splitlines() if l.startswith("best checkpoint: ")][-1]
     checkpoint = (tmp_path / line.split(": ", 1)[1]).resolve()
     assert checkpoint.is_file() and tmp_path in checkpoint.parents
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B must run offline inside the run folder"
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")  # W&B runs offline inside the run folder, with all its
+    assert (run / "files" / "output.log").is_file()  # files: W&B's service, started by an earlier test in another
+    wandb_line = next(l for l in result.out.splitlines() if l.startswith("W&B: offline run"))  # folder, once wrote
+    assert wandb_line.endswith(f"wandb sync wandb/{run.name}")  # this one there (the run folder was relative)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     noisy_acc = state["callbacks"][next(k for k in state["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]
     assert noisy_acc > 0.8, f"smoothed (noisy) validation accuracy {noisy_acc:.3f} after 8 epochs"

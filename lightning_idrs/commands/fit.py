@@ -159,7 +159,9 @@ class IDRSCLI(LightningCLI):
 
     def _prepare_wandb(self, logger, config) -> None:
         init_args = logger["init_args"]
-        keep_run_files_under(writable_folder(init_args["save_dir"], "--trainer.logger.save_dir"))
+        folder = writable_folder(init_args["save_dir"], "--trainer.logger.save_dir")
+        init_args["save_dir"] = str(folder.resolve())  # W&B's service writes files too, from its own folder
+        keep_run_files_under(folder)
         init_args["offline"] = wandb_offline(bool(init_args.get("offline")))
         sigma = (self.checkpoint_model.hparams.sigma if self.checkpoint_model is not None
                  else config.model.get("sigma"))
