@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's grid on one data set: RS and IDRS (r = 0.01, k = 20) at sigma_b in {0.12, 0.25, 0.5},
 # each trained with `fit` and certified with `certify` (n0 = 100, n = 100,000, alpha = 0.001, every
-# 20th test image). Resumable: a finished fit or certified point is never redone, and a stopped fit
-# resumes from its last.ckpt. Use the wrappers: scripts/reproduce_cifar10.sh, scripts/reproduce_mnist.sh.
+# 20th test image). Resumable: a finished fit or certified point is never redone, a stopped fit
+# resumes from its last.ckpt, and a certification finished with the same settings (certified.txt) is
+# not started again. Use the wrappers: scripts/reproduce_cifar10.sh, scripts/reproduce_mnist.sh.
 #
 # Settings (environment variables; defaults give the paper's setup):
 #   DATA      folder holding the torchvision data set (required)    OUT      output folder
@@ -55,10 +56,14 @@ for sigma in $SIGMAS; do
           "${resume[@]}" ${EXTRA_FIT:-} 2>&1 | tee -a "$dir/fit.log"
       sed -n 's/^best checkpoint: //p' "$dir/fit.log" | tail -n 1 > "$dir/checkpoint.txt"
     fi
-    "${PYTHON:-python}" -m lightning_idrs certify --ckpt_path "$(cat "$dir/checkpoint.txt")" --certify.n "$N" \
-        --certify.n0 "$N0" --certify.skip "$SKIP" ${MAX:+--certify.max "$MAX"} --certify.out "$dir/certify" \
-        --certify.radii 0,0.25,0.5,0.75,1.0 --certify.accelerator "$accelerator" --certify.devices "$DEVICES" \
-        --wandb.mode disabled 2>&1 | tee -a "$dir/certify.log"
+    certify=("${PYTHON:-python}" -m lightning_idrs certify --ckpt_path "$(cat "$dir/checkpoint.txt")" --certify.n "$N"
+        --certify.n0 "$N0" --certify.skip "$SKIP" ${MAX:+--certify.max "$MAX"} --certify.out "$dir/certify"
+        --certify.radii 0,0.25,0.5,0.75,1.0 --certify.accelerator "$accelerator" --certify.devices "$DEVICES"
+        --wandb.mode disabled)
+    if [ "$(cat "$dir/certified.txt" 2>/dev/null)" != "${certify[*]}" ]; then  # else: done, with these settings
+      "${certify[@]}" 2>&1 | tee -a "$dir/certify.log"
+      echo "${certify[*]}" > "$dir/certified.txt"
+    fi
   done
 done
 cohen=()

@@ -91,6 +91,37 @@ def test_both_reproduction_grids_run_and_resume(tmp_path):
         assert ("Cohen et al. 2019" in table) == (dataset == "cifar10")
     out, idrs = tmp_path / "mnist" / "out", GRIDS["mnist"][1]
     fits = (out / idrs / "fit.log").read_text()
+    certified = (out / idrs / "certify.log").read_text()
+    assert re.findall(r"certified (\d+) new point", certified) == ["3"]
     finished(reproduce("mnist", tmp_path / "mnist"), tmp_path / "mnist")  # everything done: nothing is redone
-    assert (out / idrs / "fit.log").read_text() == fits
-    assert re.findall(r"certified (\d+) new point", (out / idrs / "certify.log").read_text()) == ["3", "0"]
+    assert (out / idrs / "fit.log").read_text() == fits and (out / idrs / "certify.log").read_text() == certified
+
+
+STUB = """#!/usr/bin/env bash
+# stands in for python: records each command; a fit prints its checkpoint as fit does
+echo "$*" >> "$CALLS"
+case "$*" in *" fit "*) echo "best checkpoint: /ckpt/$RANDOM.ckpt" ;; esac
+"""
+
+
+def test_reproduce_sh_redoes_nothing_finished_and_certifies_again_when_a_setting_changes(tmp_path):
+    """reproduce.sh's own logic, with a stand-in for python (no process imports anything)."""
+    python, calls = tmp_path / "python", tmp_path / "calls"
+    python.write_text(STUB)
+    python.chmod(0o755)
+
+    def grid(**settings):
+        env = dict(os.environ, DATA=str(tmp_path), OUT=str(tmp_path / "out"), PYTHON=str(python), CALLS=str(calls),
+                   SIGMAS="0.25 0.5", **settings)
+        subprocess.run(["bash", str(REPO / "scripts" / "reproduce.sh"), "mnist"], env=env, check=True,
+                       capture_output=True, timeout=60)
+        commands = calls.read_text().splitlines()
+        calls.unlink()
+        return [c.split()[2] for c in commands if c.startswith("-m lightning_idrs ")]  # the command's name
+
+    assert grid() == ["fit", "certify"] * 4  # rs and idrs at two sigma_b
+    assert grid() == []  # finished: nothing started again
+    assert grid(MAX="7") == ["certify"] * 4  # another setting: certified again, never trained again
+    assert grid(MAX="7") == []
+    (tmp_path / "out" / "rs_sb0.5" / "certified.txt").unlink()  # e.g. a certification that did not finish
+    assert grid(MAX="7") == ["certify"]
