@@ -89,6 +89,7 @@ def trained(tmp_path_factory):
     return root, cli.trainer.checkpoint_callback.best_model_path, fit
 
 
+@pytest.mark.slow
 def test_every_fit_in_one_process_gets_a_finished_run_of_its_own(tmp_path):
     """Lightning leaves a W&B run open for the rest of the process, and its WandbLogger reuses an open run:
     the command finishes its own, so a second fit in one process (a notebook, a sweep calling ``main``) logs
