@@ -310,7 +310,7 @@ def log_certify_run(out, summary: Mapping, rows: Mapping, settings: Mapping, sig
     (lineage, epoch), project = _checkpoint_facts(checkpoint), options.get("project") or "lightning-idrs"
     dataset, sigma_class = summary.get("dataset"), sigma.get("class_path")
     run = wandb.init(
-        dir=str(out), project=project, entity=options.get("entity"), name=options.get("name"),
+        dir=str(Path(out).resolve()), project=project, entity=options.get("entity"), name=options.get("name"),
         id=_run_id(out, project), resume="allow", mode="offline" if offline else "online", job_type="certify",
         group=options.get("group") or lineage.get("group") or default_group(dataset, sigma_class,
                                                                            str(checkpoint.get("sha256"))[:8]),
