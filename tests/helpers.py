@@ -150,6 +150,8 @@ def records(path):
         if kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # W&B's service is still writing this record: the file ends here for now
+            return
         parts = (parts if kind in (3, 4) else b"") + data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # full or last
