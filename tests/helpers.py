@@ -1,6 +1,7 @@
 """What several test modules share (no test module imports another): paths and environments for
 subprocesses, the small certify settings, row comparison, launcher environments and SLURM-style tasks,
-a callback that kills a fit at an exact point, fake data sets and a model that cannot run channels-last."""
+waiting for processes started side by side, a callback that kills a fit at an exact point, fake data
+sets and a model that cannot run channels-last."""
 import os
 import signal
 import socket
@@ -90,6 +91,18 @@ def run_slurm_tasks(argvs, cwd, ports=None, timeout=300) -> list:
             if not taken:
                 return [(out.read_text(), err.read_text(), task.returncode) for task, (out, err) in zip(tasks, files)]
     raise AssertionError("every port tried for MASTER_PORT was taken by another process")
+
+
+def wait_all(processes, timeout: float) -> list:
+    """Wait for each process (up to ``timeout`` s each) and return their exit codes; on a timeout (or any
+    error) none is left running."""
+    try:
+        return [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 class HardStop(Callback):

@@ -19,7 +19,7 @@ from lightning_idrs.module import CHECKPOINT_KEY
 from lightning_idrs.reporting import SUMMARY_NAME, read_summary
 from lightning_idrs.tsv_log import TSV_NAME
 from lightning_idrs.arguments import UsageError
-from tests.helpers import QUIET, env
+from tests.helpers import QUIET, env, wait_all
 
 SMALL = ["--certify.n0", "10", "--certify.n", "100", "--wandb.mode", "disabled"]
 
@@ -293,12 +293,7 @@ def test_nothing_lands_in_home_and_online_logging_without_a_key_falls_back_to_of
                                     "--certify.n0", "10", "--certify.n", "100", "--certify.max", "3",
                                     "--certify.out", str(run / "certify"), "--wandb.mode", "online"],
                                    env=user, stdout=logs["certify"], stderr=logs["certify"])
-        try:
-            codes = [process.wait(timeout=300) for process in (fit, certify)]
-        finally:  # a timeout: leave no process behind
-            for process in (fit, certify):
-                if process.poll() is None:
-                    process.kill()
+        codes = wait_all([fit, certify], timeout=300)
         output = {name: (log.seek(0), log.read())[1] for name, log in logs.items()}
     assert codes == [0, 0], output
     assert time.monotonic() - start < 60  # certify waited for no login and no server

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import N_TEST, N_TRAIN, fake_images, write_idx
+from tests.helpers import N_TEST, N_TRAIN, fake_images, wait_all, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(SIGMAS="0.25", EPOCHS="1", N="100", N0="10", SKIP="5", MAX="3", BATCH="16",
@@ -59,13 +59,7 @@ def reproduce(dataset, folder: Path) -> subprocess.Popen:
 
 
 def finished(process: subprocess.Popen, folder: Path) -> None:
-    try:
-        process.wait(timeout=900)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, (folder / "log").read_text()[-6000:]
+    assert wait_all([process], timeout=900) == [0], (folder / "log").read_text()[-6000:]
 
 
 @pytest.mark.slow
