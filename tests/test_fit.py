@@ -3,6 +3,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def test_default_fit_learns_from_any_directory_with_the_packaged_config(tmp_path
     checkpoint = (tmp_path / line.split(": ", 1)[1]).resolve()
     assert checkpoint.is_file() and tmp_path in checkpoint.parents
     (run,) = (tmp_path / "wandb").glob("offline-run-*")  # W&B runs offline inside the run folder, with all its
+    deadline = time.monotonic() + 60  # W&B's service writes output.log just after the run finished
+    while not (run / "files" / "output.log").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert (run / "files" / "output.log").is_file()  # files: W&B's service, started by an earlier test in another
     wandb_line = next(l for l in result.out.splitlines() if l.startswith("W&B: offline run"))  # folder, once wrote
     assert wandb_line.endswith(f"wandb sync wandb/{run.name}")  # this one there (the run folder was relative)
