@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback
 
+from lightning_idrs.compiling import CompileOption, check_compiler, compile_for_certification, resolve_mode
 from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_grid, scalars
 from lightning_idrs.metric import ROW_FIELDS, CertifiedAccuracy
-from lightning_idrs.sharding import CertifySettings, certify_sharded, plan_chunks
+from lightning_idrs.sharding import DEVICE_DEFAULTS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
 from lightning_idrs.arguments import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
 from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
@@ -30,6 +31,10 @@ def stratified_subset(labels: torch.Tensor, num_points: int, seed: int) -> torch
     return order[order >= 0][:num_points].sort().values
 
 
+_DEFAULTS = {**DEVICE_DEFAULTS, "cpu": (1024, 10)}  # batch size and chunking when none is given
+_FIX = "the CertificationCallback's compile: none"
+
+
 class CertificationCallback(Callback):
     """Every ``every_n_epochs`` validation epochs, CERTIFY a fixed class-stratified validation subset.
 
@@ -44,15 +49,21 @@ class CertificationCallback(Callback):
     ``trainer.callback_metrics``, e.g. for ModelCheckpoint), a PNG of the curve in the run directory,
     and with a W&B logger, at one step, the growing curve table (one line per epoch), the class-wise
     table, the sigma(x) histogram and the PNG (:func:`lightning_idrs.wandb_logging.log_to_loggers`).
+    It certifies on the training device, in the trainer's precision (e.g. ``bf16-mixed`` autocasts the
+    base classifier, as ``--certify.precision bf16-mixed`` does).
 
     Args:
         every_n_epochs: certify after every n-th validation epoch (and after the last epoch).
         num_points: validation points certified (class-stratified, fixed for the run).
-        n0, n, alpha, batch_size, points_per_chunk: CERTIFY's settings (small n for monitoring).
+        n0, n, alpha, batch_size, points_per_chunk: CERTIFY's settings (small n for monitoring); batch_size
+            and points_per_chunk default to 1,024 and 10 on CPU, 16,000 and 16 on a CUDA GPU.
         radii: the reported radius grid (default 0, 0.125, ..., radii_max).
         radii_step, radii_max: the grid when ``radii`` is not given.
         seed: seed of the subset and of the noise.
         sequential: stop each point's sampling once its outcome on the radius grid is decided.
+        compile: none (default: monitoring's small n rarely repays a compilation), auto, default or
+            max-autotune: the base classifier under torch.compile, as ``--certify.compile``; compiled once
+            per fit, at the first certification.
     """
 
     def __init__(
@@ -62,13 +73,14 @@ class CertificationCallback(Callback):
         n0: PositiveInt = 16,
         n: PositiveInt = 256,
         alpha: OpenUnitInterval = 0.001,
-        batch_size: PositiveInt = 1024,
+        batch_size: Optional[PositiveInt] = None,
         radii: Optional[list[NonNegativeFloat]] = None,
         radii_step: PositiveFloat = 0.125,
         radii_max: NonNegativeFloat = 1.0,
         seed: NonNegativeInt = 0,
-        points_per_chunk: PositiveInt = 10,
+        points_per_chunk: Optional[PositiveInt] = None,
         sequential: bool = False,
+        compile: CompileOption = "none",
     ):
         super().__init__()
         self.every_n_epochs = check(PositiveInt, every_n_epochs, "every_n_epochs")
@@ -76,6 +88,9 @@ class CertificationCallback(Callback):
         self.settings = CertifySettings(n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
                                         points_per_chunk=points_per_chunk, sequential=sequential)
         self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
+        resolve_mode(compile, "cpu")  # a bad value is refused here
+        self.compile = compile
+        self._compiled: Optional[tuple] = None  # (the model compiled, its compiled wrapper)
         self._indices: Optional[torch.Tensor] = None
         self._num_classes: Optional[int] = None
         self._history: dict = {}  # the W&B curve table's rows so far
@@ -87,6 +102,8 @@ class CertificationCallback(Callback):
         labels = torch.as_tensor([int(y) for _, y in datamodule.split_dataset("val")])
         self._indices = stratified_subset(labels, self.num_points, self.settings.seed)
         self._num_classes = datamodule.num_classes
+        device = trainer.strategy.root_device  # where it will certify (the model may not be there yet)
+        check_compiler(device, resolve_mode(self.compile, device), _FIX)  # a missing compiler: before the first epoch
 
     def _due(self, trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -104,14 +121,27 @@ class CertificationCallback(Callback):
 
     def _certify(self, trainer, pl_module):
         """Certify this rank's chunks; returns the summary over all ranks' rows and their sigmas."""
-        chunks = plan_chunks(self._indices.numpy(), self.settings.points_per_chunk)
-        smoothed = SmoothedClassifier(pl_module.model, pl_module.sigma, pl_module.hparams.num_classes)
+        settings = self.settings.for_device(pl_module.device, _DEFAULTS)
+        chunks = plan_chunks(self._indices.numpy(), settings.points_per_chunk)
+        context = trainer.precision_plugin.forward_context  # e.g. bf16-mixed: autocast, as in training
+        smoothed = SmoothedClassifier(self._base(pl_module, settings.batch_size, context), pl_module.sigma,
+                                      pl_module.hparams.num_classes, forward_context=context)
         dataset = trainer.datamodule.split_dataset("val")
         accuracy = CertifiedAccuracy(self.radii, self._num_classes, sync_on_compute=False)  # rows come gathered
-        for rows in certify_sharded(smoothed, dataset, chunks, self.settings, pl_module.device,
+        for rows in certify_sharded(smoothed, dataset, chunks, settings, pl_module.device,
                                     trainer.global_rank, trainer.world_size, self.radii):
             accuracy.update(rows)
         return accuracy.compute(), accuracy.gathered()[:, ROW_FIELDS.index("sigma")]
+
+    def _base(self, pl_module, batch_size: int, context):
+        """The base classifier, compiled once per model (the weights it trains are read at every call)."""
+        if resolve_mode(self.compile, pl_module.device) == "none":
+            return pl_module.model
+        if self._compiled is None or self._compiled[0] is not pl_module.model:
+            compiled, _ = compile_for_certification(pl_module.model, self.compile, batch_size,
+                                                    pl_module.hparams.input_shape, pl_module.device, context, fix=_FIX)
+            self._compiled = (pl_module.model, compiled)
+        return self._compiled[1]
 
     def _report(self, trainer, summary: dict, sigmas: np.ndarray, folder: Path) -> None:
         epoch = trainer.current_epoch

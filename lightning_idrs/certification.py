@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from lightning_idrs.reporting import ReportOptions
+from lightning_idrs.reporting import ReportOptions, read_compare
 from lightning_idrs.sharding import ROW_SETTINGS, CertifySettings
 from lightning_idrs.arguments import PositiveInt, UsageError, one_line
 
@@ -52,6 +52,8 @@ class CertifyOptions(ReportOptions, CertifySettings):
         precision: 32-true, or bf16-mixed / 16-mixed (GPU only) to autocast the base model (counts and bounds stay exact).
         channels_last: store a convolutional model's weights channels-last (NHWC): faster forward passes on
             CPU (benchmarks/README.md); the logits move by float rounding only. false: the layout it was trained in.
+        compile: run the base model under torch.compile, one static batch shape (the last batch padded):
+            auto (max-autotune on a CUDA GPU, none on CPU), none, default or max-autotune (README, "GPU").
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
@@ -66,6 +68,7 @@ class CertifyOptions(ReportOptions, CertifySettings):
     strategy: Optional[str] = None
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     channels_last: bool = True
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"
     device: Optional[Literal["auto", "cpu", "cuda"]] = None
 
     def __post_init__(self):
@@ -142,9 +145,10 @@ def certify(ckpt_path, out=None, *, data: Optional[dict] = None, data_root: Opti
     from lightning_idrs.launching import launch
 
     opts, wandb = _options(out, options), wandb or WandbOptions()
-    compare = _compare_columns(opts.compare)
+    compare = read_compare(opts.compare)
     _check_folder(opts.out)
     fabric = launch(opts)
+    opts = opts.for_device(fabric.device)  # the batch size and chunking that fill this device
     try:
         return _certify_launched(fabric, str(ckpt_path), data, data_root, opts, wandb, compare)
     finally:  # leave the process group before exiting: a live gloo group can abort the interpreter at exit
@@ -159,35 +163,15 @@ def _check_folder(out) -> None:
         raise UsageError(f"--certify.out {out} is a file, not a folder; name a folder (new or of an earlier run)")
 
 
-def _compare_columns(path: Optional[str]):
-    """The compare TSV's columns and label, read before any point is certified."""
-    if path is None:
-        return None
-    from lightning_idrs.reporting import SUMMARY_NAME, read_summary
-    from lightning_idrs.tsv_log import read_tsv
-
-    try:
-        columns = read_tsv(path)
-    except (OSError, ValueError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
-        reason = reason.split(". This is not a certify.tsv")[0].replace(f"{path}: ", "")
-        raise UsageError(f"--certify.compare {path} is not a certify.tsv of this version ({reason}); name the "
-                         "certify.tsv of another certify run") from None
-    if len(columns["idx"]) == 0:
-        raise UsageError(f"--certify.compare {path}: the file holds no rows")
-    try:
-        label = read_summary(Path(path).parent / SUMMARY_NAME)["sigma_label"]
-    except (OSError, ValueError, KeyError, TypeError):
-        label = Path(path).resolve().parent.name or "compare"
-    return label, columns
-
-
-def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, device):
-    """(loaded checkpoint, data set, selected indices, settings): everything that determines the rows."""
+def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
+    """(loaded checkpoint, data set, selected indices, settings, the base classifier to run): everything
+    that determines the rows."""
     from lightning_idrs.checkpoint import load_checkpoint
+    from lightning_idrs.compiling import compile_for_certification
     from lightning_idrs.reporting import radius_grid
     from lightning_idrs.smoothing import NOISE_VERSION, use_channels_last
 
+    device = fabric.device
     loaded = load_checkpoint(ckpt_path, device, data=data, overrides={} if data_root is None else {"root": data_root})
     model, datamodule = loaded.model, loaded.datamodule
     try:  # converted: the logits move by rounding, so the layout is recorded with the rows
@@ -200,16 +184,19 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, device):
         raise UsageError(f"this checkpoint's sigma(x) cannot be certified: {one_line(error)}") from None
     dataset = datamodule.split_dataset(opts.split)
     selected = np.arange(0, len(dataset), opts.skip)[: opts.max]
+    base, compiled = compile_for_certification(model.model, opts.compile, opts.batch_size, datamodule.input_shape,
+                                               device, fabric.autocast, verbose=fabric.global_rank == 0)
     settings = {
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
         "sigma": model.hparams.sigma, "semi_elasticity": r, "noise": NOISE_VERSION, "precision": opts.precision,
         **({"memory_format": "channels_last"} if converted else {}),
+        **({"compile": compiled} if compiled != "none" else {}),  # compiled: the logits move by rounding too
         **{name: getattr(opts, name) for name in ROW_SETTINGS},
     }
     if opts.sequential:  # the grid decides when a point stops: it is part of what determines the rows
         settings["radii"] = radius_grid(opts).tolist()
-    return loaded, dataset, selected, settings
+    return loaded, dataset, selected, settings, base
 
 
 def default_out(ckpt_path: str, sha256: str, opts: CertifyOptions) -> Path:
@@ -224,7 +211,7 @@ def _certify_launched(fabric, ckpt_path, data, data_root, opts, wandb_opts, comp
     from lightning_idrs.launching import agree
     from lightning_idrs.smoothing import SmoothedClassifier
 
-    loaded, dataset, selected, settings = prepare(ckpt_path, data, data_root, opts, fabric.device)
+    loaded, dataset, selected, settings, base = prepare(ckpt_path, data, data_root, opts, fabric)
     agree(fabric, {**settings, "selected": [len(selected), int(selected.sum())], "out": opts.out})
     model, rank0 = loaded.model, fabric.global_rank == 0
     out = Path(opts.out) if opts.out else default_out(ckpt_path, loaded.sha256, opts)
@@ -234,7 +221,7 @@ def _certify_launched(fabric, ckpt_path, data, data_root, opts, wandb_opts, comp
               f"{opts.split}, {len(selected)} points, n0={opts.n0}, n={opts.n}, alpha={opts.alpha:g}, "
               f"{fabric.world_size} process(es) on {fabric.device.type}, output {out}", flush=True)
     log, todo = open_log(fabric, out, settings, selected, opts)
-    smoothed = SmoothedClassifier(model.model, model.sigma, model.hparams.num_classes, forward_context=fabric.autocast)
+    smoothed = SmoothedClassifier(base, model.sigma, model.hparams.num_classes, forward_context=fabric.autocast)
     with log if log is not None else nullcontext():
         start = time.perf_counter()
         new = certify_points(fabric, log, smoothed, dataset, todo, len(selected), opts, settings.get("radii"))

@@ -18,6 +18,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_idrs.compiling import COMPILE_MODES, CompiledModel, CompileMode, check_compiler
 from lightning_idrs.digests import state_dict_sha256
 from lightning_idrs.models import build_model
 from lightning_idrs.objectives import GaussianAugmentation, Objective
@@ -54,6 +55,8 @@ class IDRSClassifier(pl.LightningModule):
         objective: the training loss, any :class:`lightning_idrs.objectives.Objective` (``class_path``):
             ``GaussianAugmentation`` (the default), ``ConsistencyRegularization`` or ``MACER``. Recorded
             in the hyper-parameters as ``_objective``; certification never needs it.
+        compile: none, default or max-autotune: the training steps run the base classifier under
+            torch.compile (README, "GPU"); checkpoints and certification see the plain model.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class IDRSClassifier(pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         objective: Optional[Objective] = None,
+        compile: CompileMode = "none",
     ):
         super().__init__()
         self.sigma = KnnSigma() if sigma is None else sigma
@@ -80,6 +84,8 @@ class IDRSClassifier(pl.LightningModule):
         self.hparams["_objective"] = self.objective.config  # a record: loading a checkpoint skips "_" keys
         self.model = build_model(arch, tuple(input_shape), num_classes, tuple(mean), tuple(std))
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         self.data_fingerprint: Optional[str] = None
         self.dataset_name: Optional[str] = None
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -95,6 +101,27 @@ class IDRSClassifier(pl.LightningModule):
 
     def forward(self, x):
         return self.model(x)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The base classifier as the training steps run it: ``self.model``, or with ``compile`` the same
+        model under torch.compile. The compiled wrapper is no child of this module, so the state dict
+        (checkpoints) keeps ``model.*`` keys (no ``_orig_mod.``) and everything else gets the plain model."""
+        if self.hparams.get("compile", "none") == "none":
+            return self.model
+        if self.__dict__.get("_compiled") is None:
+            self.__dict__["_compiled"] = CompiledModel(self.model, self.hparams.compile, "--model.compile none")
+        return self.__dict__["_compiled"]
+
+    def check_compile(self) -> None:
+        """With ``compile``, compile a one-line function on this device first: a missing C compiler
+        or Triton is one error line before training starts."""
+        check_compiler(self.device, self.hparams.get("compile", "none"), "--model.compile none")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_compiled", None)  # compiled code does not pickle; it is rebuilt on first use
+        return state
 
     # ------------------------------------------------------------------ sigma(x) and the data
     def setup(self, stage: str) -> None:
@@ -163,7 +190,7 @@ class IDRSClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         x, y, idx = batch
-        loss, logits = self.objective(self.model, x, y, self.sigma.training_sigma(x, idx))
+        loss, logits = self.objective(self.network, x, y, self.sigma.training_sigma(x, idx))
         if not torch.isfinite(loss):  # stop before the step that would write NaN into the weights
             raise TrainingDiverged(
                 f"training diverged: the loss is {loss.detach().item()} at epoch {self.current_epoch}, step "

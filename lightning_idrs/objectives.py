@@ -51,10 +51,12 @@ class Objective(Configurable, nn.Module):
 
 
 def _noisy_copies(model: nn.Module, x: Tensor, sigma: Tensor, copies: int) -> Tensor:
-    """Logits [copies, B, C] of ``copies`` independent noisy copies of each input (one forward pass)."""
+    """Logits [copies, B, C] of ``copies`` independent noisy copies of each input (one forward pass), in
+    float32 also under bf16 / fp16 autocast: the losses built on them (probabilities near 1, Phi^-1 of them)
+    need it (in bf16, 1 - 1e-6 rounds to 1 and MACER's Phi^-1 would be infinite)."""
     batch = x.repeat(copies, *([1] * (x.dim() - 1)))
     logits = model(add_noise(batch, sigma.repeat(copies)))
-    return logits.reshape(copies, len(x), -1)
+    return logits.reshape(copies, len(x), -1).float()
 
 
 class GaussianAugmentation(Objective):

@@ -20,12 +20,13 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, check
+from lightning_idrs.arguments import NonNegativeFloat, PositiveFloat, UsageError, check, one_line
 from lightning_idrs.jsonfiles import SUMMARY_NAME, fsync_dir, json_ready, read_summary, write_json_atomic, write_summary
 from lightning_idrs.statistics import certified_accuracy, default_radius_grid, radius_key
 
 __all__ = ["PLOT_NAME", "SUMMARY_NAME", "ReportOptions", "curve", "figure", "plot_curves", "radius_grid", "read_summary",
-           "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic", "write_summary"]
+           "read_compare", "scalars", "fsync_dir", "json_ready", "keep_run_files_under", "write_json_atomic",
+           "write_summary"]
 
 Curve = Tuple[Sequence[float], Sequence[float]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -102,6 +103,29 @@ def curve_from_tsv_columns(columns: Mapping, radii) -> np.ndarray:
     if len(columns["idx"]) == 0:
         raise ValueError("no rows to plot")
     return certified_accuracy(columns["radius"], columns["correct"], radii)
+
+
+def read_compare(path: Optional[str]):
+    """(label, columns) of ``--certify.compare``'s certify.tsv (None without one), read before any point is
+    certified; UsageError if it is not a certify.tsv with rows."""
+    if path is None:
+        return None
+    from lightning_idrs.tsv_log import read_tsv
+
+    try:
+        columns = read_tsv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+        reason = reason.split(". This is not a certify.tsv")[0].replace(f"{path}: ", "")
+        raise UsageError(f"--certify.compare {path} is not a certify.tsv of this version ({reason}); name the "
+                         "certify.tsv of another certify run") from None
+    if len(columns["idx"]) == 0:
+        raise UsageError(f"--certify.compare {path}: the file holds no rows")
+    try:
+        label = read_summary(Path(path).parent / SUMMARY_NAME)["sigma_label"]
+    except (OSError, ValueError, KeyError, TypeError):
+        label = Path(path).resolve().parent.name or "compare"
+    return label, columns
 
 
 def figure(title: Optional[str], xlabel: str, ylabel: str, *, dpi: int = 120,

@@ -1,5 +1,5 @@
 """Fixtures shared by the test modules: one trained digits checkpoint for the whole session, and a
-model registered for one test at a time."""
+model registered for one test at a time; tests marked ``gpu`` are skipped without CUDA."""
 from pathlib import Path
 
 import pytest
@@ -26,3 +26,15 @@ def viewcnn_arch():
     register_model("viewcnn")(ViewCNN)
     yield "viewcnn"
     MODELS.pop("viewcnn", None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, where torch sees no GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; skipped without it")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

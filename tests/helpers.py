@@ -182,3 +182,16 @@ def finished_run_records(folder: Path, wait: float = 60.0) -> list:
         if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def differing_rows(a, b) -> int:
+    """How many rows of two runs over the same points differ; fails unless each difference is one that float
+    rounding can make: the same point and label, and a lower bound on pA within a few samples' worth."""
+    assert np.array_equal(a.rows["idx"], b.rows["idx"]) and np.array_equal(a.rows["label"], b.rows["label"])
+    differ = np.zeros(len(a.rows["idx"]), dtype=bool)
+    for key in ROWS:
+        differ |= a.rows[key] != b.rows[key]
+    same_prediction = a.rows["predict"] == b.rows["predict"]
+    gap = np.abs(a.rows["p_a_lower"] - b.rows["p_a_lower"])
+    assert np.all(gap[differ & same_prediction] <= 0.05), gap[differ]
+    return int(differ.sum())

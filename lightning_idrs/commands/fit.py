@@ -202,6 +202,7 @@ class IDRSCLI(LightningCLI):
             raise UsageError(f"the model and the data do not fit together: {one_line(error)}") from None
         if self.subcommand == "fit":
             model.check_training_sigma(datamodule)
+            model.check_compile()
         if self.startup_messages is not None:
             self.startup_messages.restore(replay=True)
 
