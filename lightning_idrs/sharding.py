@@ -33,7 +33,7 @@ class CertifySettings:
         n: noise samples to estimate pA (Cohen et al.: 100,000).
         alpha: failure probability of each certificate, in (0, 1) (Cohen et al.: 0.001).
         batch_size: noisy samples per forward pass (speed only: the noise of a point does not depend on it);
-            default 1,000 on CPU, 16,000 on a CUDA GPU (:data:`DEVICE_DEFAULTS`).
+            default 1,000 on CPU, 16,000 on a CUDA GPU.
         seed: seed of the noise; a point's noise is a function of (seed, its index in the data set).
         points_per_chunk: points certified together in one vectorised call (speed only); default 10 on
             CPU, 16 on a CUDA GPU.

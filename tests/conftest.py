@@ -1,11 +1,22 @@
 """Fixtures shared by the test modules: one trained digits checkpoint for the whole session, and a
-model registered for one test at a time; tests marked ``gpu`` are skipped without CUDA."""
+model registered for one test at a time; tests marked ``gpu`` are skipped where torch sees no CUDA."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_idrs.commands.fit import cli_main
 from tests.helpers import QUIET, ViewCNN
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests need CUDA: without it they are skipped, saying so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu): torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -26,15 +37,3 @@ def viewcnn_arch():
     register_model("viewcnn")(ViewCNN)
     yield "viewcnn"
     MODELS.pop("viewcnn", None)
-
-
-def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests need CUDA: skipped, with the reason, where torch sees no GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA; skipped without it")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

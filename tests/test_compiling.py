@@ -96,9 +96,12 @@ def test_a_compiled_certification_records_its_mode_and_its_rows_are_the_eager_on
         lightning_idrs.certify(checkpoint, tmp_path / "compiled", max=8, compile="none", **QUIET)
 
 
-def test_auto_is_eager_on_cpu(checkpoint, tmp_path, counted):
+def test_auto_is_eager_on_cpu_and_max_autotune_on_cuda(checkpoint, tmp_path, counted):
     result = lightning_idrs.certify(checkpoint, tmp_path, max=2, **QUIET)
     assert counted.frame_count == 0 and "compile" not in result.summary
+    assert [compiling.resolve_mode("auto", device) for device in ("cpu", "cuda", "cuda:1")] == \
+        ["none", "max-autotune", "max-autotune"]
+    assert compiling.TORCH_MODES["max-autotune"] == "max-autotune-no-cudagraphs"
 
 
 def test_a_compiler_failure_is_one_error_line_and_writes_nothing(checkpoint, tmp_path, capsys, broken_compiler):
@@ -144,8 +147,8 @@ OBJECTIVES = {"GaussianAugmentation": {}, "ConsistencyRegularization": dict(num_
               "MACER": dict(num_noise=2)}
 
 
-@pytest.mark.parametrize("objective, sigma", [("GaussianAugmentation", "KnnSigma"),
-                                              ("ConsistencyRegularization", "ConstantSigma"), ("MACER", "ConstantSigma")])
+@pytest.mark.parametrize("objective, sigma", [
+    ("GaussianAugmentation", "KnnSigma"), ("ConsistencyRegularization", "ConstantSigma"), ("MACER", "ConstantSigma")])
 def test_training_steps_run_the_compiled_model_in_bf16(objective, sigma, counted):
     from lightning_idrs.data import DigitsDataModule
 
@@ -193,7 +196,8 @@ def test_without_a_cpp_compiler_compiling_is_one_error_line(checkpoint, tmp_path
     variables = env(CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     for command, fix in ((["certify", "--ckpt_path", str(checkpoint), *SMALL, "--certify.compile", "default",
                            "--certify.out", str(tmp_path / "out")], "--certify.compile none"),
-                         (["fit", "--model.compile", "default", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                         (["fit", "--model.compile", "default", "--trainer.max_epochs", "1",
+                           "--trainer.logger", "false",
                            "--trainer.default_root_dir", str(tmp_path / "fit")], "--model.compile none")):
         done = subprocess.run([sys.executable, "-m", "lightning_idrs", *command], env=variables, cwd=tmp_path,
                               capture_output=True, text=True, timeout=600)
@@ -209,7 +213,8 @@ def test_a_compiled_bf16_fit_writes_a_checkpoint_that_certify_loads(tmp_path):
     from tests.helpers import QUIET as QUIET_FIT
 
     torch._dynamo.reset()
-    cli = cli_main(["fit", "--model.compile", "default", "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+    cli = cli_main(["fit", "--model.compile", "default", "--trainer.precision", "bf16-mixed",
+                    "--trainer.max_epochs", "1",
                     "--trainer.limit_train_batches", "4", "--trainer.logger", "false", "--trainer.default_root_dir",
                     str(tmp_path), *QUIET_FIT])
     torch._dynamo.reset()
