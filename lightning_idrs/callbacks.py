@@ -124,7 +124,7 @@ class CertificationCallback(Callback):
         settings = self.settings.for_device(pl_module.device, _DEFAULTS)
         chunks = plan_chunks(self._indices.numpy(), settings.points_per_chunk)
         context = trainer.precision_plugin.forward_context  # e.g. bf16-mixed: autocast, as in training
-        smoothed = SmoothedClassifier(self._base(pl_module, settings.batch_size, context), pl_module.sigma,
+        smoothed = SmoothedClassifier(self._base(pl_module, settings.largest_batch(), context), pl_module.sigma,
                                       pl_module.hparams.num_classes, forward_context=context)
         dataset = trainer.datamodule.split_dataset("val")
         accuracy = CertifiedAccuracy(self.radii, self._num_classes, sync_on_compute=False)  # rows come gathered

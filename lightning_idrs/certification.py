@@ -184,7 +184,7 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
         raise UsageError(f"this checkpoint's sigma(x) cannot be certified: {one_line(error)}") from None
     dataset = datamodule.split_dataset(opts.split)
     selected = np.arange(0, len(dataset), opts.skip)[: opts.max]
-    base, compiled = compile_for_certification(model.model, opts.compile, opts.batch_size, datamodule.input_shape,
+    base, compiled = compile_for_certification(model.model, opts.compile, opts.largest_batch(), datamodule.input_shape,
                                                device, fabric.autocast, verbose=fabric.global_rank == 0)
     settings = {
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),

@@ -63,6 +63,11 @@ class CertifySettings:
         batch, chunk = (defaults or DEVICE_DEFAULTS)["cuda" if torch.device(device).type == "cuda" else "cpu"]
         return replace(self, batch_size=self.batch_size or batch, points_per_chunk=self.points_per_chunk or chunk)
 
+    def largest_batch(self) -> int:
+        """The most samples one forward pass gets: the batch size, or a whole chunk's samples when fewer (the
+        static shape a compiled model is compiled for). Call it on the settings of a device (:meth:`for_device`)."""
+        return min(self.batch_size, self.points_per_chunk * max(self.n0, self.n))
+
 
 #: (noisy samples per forward pass, points per chunk) when the user gives none. CPU: 1,000 and 10 (on CPU
 #: CIFAR ResNets prefer 100, benchmarks/README.md). CUDA: 16,000 and 16: on an H200, ResNet-110 (bf16,

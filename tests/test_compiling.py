@@ -84,16 +84,17 @@ def test_certifying_through_the_static_batch_compiles_once_and_changes_no_row(co
 
 
 def test_a_compiled_certification_records_its_mode_and_its_rows_are_the_eager_ones(checkpoint, tmp_path, counted):
-    eager = lightning_idrs.certify(checkpoint, tmp_path / "eager", max=6, points_per_chunk=4, compile="none", **QUIET)
-    compiled = lightning_idrs.certify(checkpoint, tmp_path / "compiled", max=6, points_per_chunk=4,
-                                      compile="default", **QUIET)
+    options = dict(QUIET, max=6, points_per_chunk=4, precision="bf16-mixed")
+    eager = lightning_idrs.certify(checkpoint, tmp_path / "eager", compile="none", **options)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # compiled before the first point, under autocast
+        compiled = lightning_idrs.certify(checkpoint, tmp_path / "compiled", compile="default", **options)
     assert counted.frame_count == 1
     assert all(np.array_equal(eager.rows[k], compiled.rows[k]) for k in ROWS)
     assert json.loads((tmp_path / "compiled" / SETTINGS_NAME).read_text())["compile"] == "default"
     assert "compile" not in json.loads((tmp_path / "eager" / SETTINGS_NAME).read_text())
     assert compiled.summary["compile"] == "default" and compiled.summary["batch_size"] == 1000  # the CPU default
     with pytest.raises(ValueError, match="compile: 'default' in the directory, absent now"):  # a resume must match
-        lightning_idrs.certify(checkpoint, tmp_path / "compiled", max=8, compile="none", **QUIET)
+        lightning_idrs.certify(checkpoint, tmp_path / "compiled", **dict(options, max=8, compile="none"))
 
 
 def test_auto_is_eager_on_cpu_and_max_autotune_on_cuda(checkpoint, tmp_path, counted):
