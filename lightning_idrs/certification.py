@@ -54,6 +54,9 @@ class CertifyOptions(ReportOptions, CertifySettings):
             CPU (benchmarks/README.md); the logits move by float rounding only. false: the layout it was trained in.
         compile: run the base model under torch.compile, one static batch shape (the last batch padded):
             auto (max-autotune on a CUDA GPU, none on CPU), none, default or max-autotune (README, "GPU").
+        knn_backend: the kNN search of a kNN sigma: auto, faiss or torch (default: the checkpoint's). It changes
+            the speed, not sigma(x) (on a device every backend gives the same distances), so it is not
+            recorded with the rows; use torch where faiss is missing or broken.
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
@@ -69,11 +72,14 @@ class CertifyOptions(ReportOptions, CertifySettings):
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
     channels_last: bool = True
     compile: Literal["auto", "none", "default", "max-autotune"] = "auto"
+    knn_backend: Optional[Literal["auto", "faiss", "torch"]] = None
     device: Optional[Literal["auto", "cpu", "cuda"]] = None
 
     def __post_init__(self):
         CertifySettings.__post_init__(self)
         ReportOptions.__post_init__(self)
+        if self.knn_backend not in (None, "auto", "faiss", "torch"):
+            raise ValueError(f"knn_backend must be one of auto, faiss, torch, got {self.knn_backend!r}")
 
 
 @dataclass
@@ -172,7 +178,8 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
     from lightning_idrs.smoothing import NOISE_VERSION, use_channels_last
 
     device = fabric.device
-    loaded = load_checkpoint(ckpt_path, device, data=data, overrides={} if data_root is None else {"root": data_root})
+    loaded = load_checkpoint(ckpt_path, device, data=data, overrides={} if data_root is None else {"root": data_root},
+                             sigma_options={"knn_backend": opts.knn_backend})
     model, datamodule = loaded.model, loaded.datamodule
     try:  # converted: the logits move by rounding, so the layout is recorded with the rows
         converted = opts.channels_last and use_channels_last(model.model, datamodule.input_shape, device)
@@ -189,7 +196,7 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
     settings = {
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
-        "sigma": model.hparams.sigma, "semi_elasticity": r, "noise": NOISE_VERSION, "precision": opts.precision,
+        "sigma": type(model.sigma).without_runtime_options(model.hparams.sigma), "semi_elasticity": r, "noise": NOISE_VERSION, "precision": opts.precision,
         **({"memory_format": "channels_last"} if converted else {}),
         **({"compile": compiled} if compiled != "none" else {}),  # compiled: the logits move by rounding too
         **{name: getattr(opts, name) for name in ROW_SETTINGS},

@@ -167,7 +167,8 @@ def check_sigma_record(model: IDRSClassifier, metadata: dict, path) -> None:
     """Refuse a sigma that is not the one the checkpoint was trained and recorded with: another class,
     other parameters or another semi-elasticity make another smoothed classifier (and other radii)."""
     recorded, now = metadata.get("sigma"), model.hparams.sigma
-    if recorded is not None and _canonical(recorded) != _canonical(now):
+    same = type(model.sigma).without_runtime_options  # e.g. knn_backend: how sigma(x) is computed, not which one
+    if recorded is not None and _canonical(same(recorded)) != _canonical(same(now)):
         raise UsageError(f"{path}: its sigma hyper-parameters ({now}) differ from the sigma it recorded at save time "
                          f"({recorded}); the file was edited: use the checkpoint `fit` wrote")
     cls = f"{type(model.sigma).__module__}.{type(model.sigma).__qualname__}"
@@ -237,15 +238,25 @@ def build_datamodule(checkpoint: dict, data: Optional[dict] = None, overrides: O
 
 
 def load_checkpoint(path, device="cpu", data: Optional[dict] = None,
-                    overrides: Optional[dict] = None) -> LoadedCheckpoint:
-    """Load ``path`` (see the module docstring) onto ``device``; UsageError on any problem."""
+                    overrides: Optional[dict] = None, sigma_options: Optional[dict] = None) -> LoadedCheckpoint:
+    """Load ``path`` (see the module docstring) onto ``device``; UsageError on any problem. ``sigma_options``:
+    values (None: the checkpoint's) for the sigma's ``RUNTIME_OPTIONS`` (e.g. ``knn_backend``), which change
+    how sigma(x) is computed, never which function it is; a sigma without such an option ignores it."""
     model, checkpoint, sha256 = load_model(path)
     datamodule = build_datamodule(checkpoint, data, overrides)
+    for name, value in (sigma_options or {}).items():
+        if value is not None and name in type(model.sigma).RUNTIME_OPTIONS:
+            try:
+                setattr(model.sigma, name, value)
+            except ValueError as error:
+                raise UsageError(f"cannot use {name}={value!r} with the sigma of {path}: {one_line(error)}") from None
     model.to(device)
     try:
         model.attach_data(datamodule)  # checks shape, classes, data fingerprint; fits sigma
     except DataNotFoundError as error:
         raise UsageError(one_line(error)) from None
+    except UsageError:  # already says what is wrong (e.g. a faiss that fails)
+        raise
     except ValueError as error:
         raise UsageError(f"checkpoint and data do not match: {one_line(error)}") from None
     check_sigma_record(model, checkpoint[CHECKPOINT_KEY], path)

@@ -1,184 +1,515 @@
-"""Exact distances to the k nearest points of a fixed set (their mean, or the k-th): faiss proposes, float64 decides.
+"""Exact distances to the k nearest points of a fixed set (their mean, or the k-th): a float32 search
+proposes, float64 decides.
 
-faiss ranks with float32 ||a||^2 + ||b||^2 - 2ab, which is inexact for close points. So faiss only
+A search ranks with float32 ||a||^2 + ||b||^2 - 2ab, which is inexact for close points. So it only
 proposes k + margin candidates; their distances are recomputed in float64 as the norm of the
-difference and the k smallest are kept. A worst-case rounding bound on faiss' distances then proves
-that no other point is closer than the k-th; rows where it cannot (near-ties, many duplicates) are
-redone by a float64 brute-force scan. The index stores the float32 points c_i = fl32(p_i - mu),
-centred on their float64 mean mu (better float32 ranking); the fixed set whose distances are
-computed is {mu + c_i}. See docs/math.md ("the kNN sigma") for why exactness matters.
+difference and the k smallest are kept. A worst-case rounding bound on the search's distances then
+proves that no other point's float64 distance is below the k-th; rows where it cannot (near-ties,
+many duplicates) are redone by a float64 scan over all points, whose own ranking is proven the same
+way (else every distance of that row is computed). So the answer is always the k smallest float64
+distances over all points: which search proposed the candidates changes the speed, never the result.
+
+The searches (``backend``, ``KnnSigma(knn_backend=...)``):
+
+* ``faiss``: an exact ``IndexFlatL2`` (never ``index_factory``, which some faiss wheels cannot run);
+  on a CUDA device faiss' ``GpuIndexFlatL2`` when a GPU build of faiss is installed, else the CPU index;
+* ``torch``: blocked float32 matrix products and top-k on the queries' device (CPU or CUDA), in IEEE
+  float32 (TF32 / bf16 matrix products are switched off while it runs); needs no faiss at all;
+* ``auto`` (the default): faiss' GPU index when it works, else torch on a CUDA device; faiss on the CPU.
+
+On the CPU both give bit-identical results. The index stores the float32 points c_i = fl32(p_i - mu),
+centred on their float64 mean mu (better float32 ranking), mu computed on the CPU so that the fixed set
+{mu + c_i} whose distances are computed does not depend on the device. Every exception faiss raises
+(import, construction, add, search, GPU resources) becomes a :class:`~lightning_idrs.arguments.UsageError`
+(:func:`faiss_failure`) naming the faiss build and the fix. See docs/math.md ("the kNN sigma").
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import warnings
-from typing import Optional
+import sys
+from contextlib import contextmanager
+from typing import Literal, Optional
 
 import numpy as np
 import torch
 
-from lightning_idrs.arguments import UsageError
+from lightning_idrs.arguments import UsageError, one_line
 
-__all__ = ["KnnIndex", "faiss_has_gpu", "import_faiss"]
+__all__ = ["BACKENDS", "KnnBackend", "KnnIndex", "faiss_build", "faiss_failure", "faiss_has_gpu", "faiss_owners",
+           "ieee_float32_matmul", "import_faiss"]
 
 log = logging.getLogger(__name__)
 
+KnnBackend = Literal["auto", "faiss", "torch"]
+BACKENDS = ("auto", "faiss", "torch")
+FAISS_WHEELS = ("faiss-cpu", "faiss-cuda", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs", "faiss")
+
 _U32 = 2.0 ** -24  # float32 unit roundoff
-_GPU_SLACK = 2.0 ** -9  # covers TF32 GEMMs (10-bit mantissa) should a GPU use them
+_U64 = 2.0 ** -53  # float64 unit roundoff
+_GPU_SLACK = 2.0 ** -9  # faiss' GPU index may run TF32 GEMMs (10-bit mantissa)
 _GPU_MAX_K = 2048  # faiss GPU k-selection limit
-_CHUNK_ELEMENTS = 2 ** 22  # float64 elements per recompute chunk (32 MiB)
-_ROWS = 8192
+_ROWS = 8192  # rows centred / normed per block
+#: float64 elements per re-ranking chunk, float32 (or float64) distances per block of a scan
+_CHUNK = {"cpu": 2 ** 22, "cuda": 2 ** 26}
+_BLOCK = {"cpu": 2 ** 22, "cuda": 2 ** 27}
+#: what to do when faiss fails: the same line for every command
+FAISS_FIX = ("reinstall the kNN backend for this machine (pip install 'lightning_idrs[cpu]', or "
+             "'lightning_idrs[gpu]' on a CUDA 13 GPU machine; one of them, never both), or search without faiss: "
+             "knn_backend torch (fit: --model.sigma.knn_backend torch; certify: --certify.knn_backend torch)")
+
+_said = set()  # log lines said once per process
 
 
-_said_cpu_only = False  # the "CPU build of faiss" line is logged once per process
+def _say_once(level: int, message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.log(level, message)
+
+
+# ---------------------------------------------------------------------------------- faiss, its build, its errors
+@functools.lru_cache(maxsize=1)
+def _installed_owners() -> tuple:
+    from importlib import metadata
+
+    def installed(name):
+        try:
+            metadata.version(name)
+            return True
+        except metadata.PackageNotFoundError:
+            return False
+
+    owners = metadata.packages_distributions().get("faiss", [])  # reads every distribution: once per process
+    return tuple(sorted(set(owners) | {name for name in FAISS_WHEELS if installed(name)}))
+
+
+def faiss_owners() -> list:
+    """The installed distributions that provide the top-level ``faiss`` module."""
+    return list(_installed_owners())
+
+
+def faiss_build() -> str:
+    """The installed faiss in words, e.g. ``faiss-cpu 1.15.1, faiss 1.15.1, CPU build``; never raises
+    (and never imports faiss: it describes a faiss that may have just failed)."""
+    from importlib import metadata
+
+    parts = []
+    try:
+        owners = faiss_owners()
+        parts.append(", ".join(f"{name} {metadata.version(name)}" for name in owners) or "no faiss package installed")
+    except Exception:  # a broken metadata entry must not hide the real error
+        owners = []
+    module = sys.modules.get("faiss")
+    if module is not None and hasattr(module, "__version__"):
+        parts.append(f"faiss {module.__version__}")
+        gpu = hasattr(module, "StandardGpuResources")
+    else:
+        gpu = any(name != "faiss-cpu" and name != "faiss" for name in owners) if owners else None
+    if gpu is not None:
+        parts.append("GPU build" if gpu else "CPU build")
+    return ", ".join(parts)
+
+
+def faiss_failure(error: BaseException, doing: str) -> UsageError:
+    """The one line for an exception raised by faiss while ``doing`` (e.g. "searching the CPU index")."""
+    return UsageError(f"faiss failed {doing}: {type(error).__name__}: {one_line(error)[:300]} ({faiss_build()}); "
+                      f"fix: {FAISS_FIX}")
+
+
+@contextmanager
+def _faiss_errors(doing: str):
+    """Any exception of faiss inside becomes :func:`faiss_failure`'s UsageError."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:  # SWIG turns C++ exceptions into RuntimeError; wheels raise anything at load
+        raise faiss_failure(error, doing) from None
 
 
 def import_faiss():
-    """The faiss module; it comes from an extra (one of two wheels), so its absence is a set-up error."""
+    """The faiss module; it comes from an extra (one of two wheels), so its absence or a failing import is a
+    set-up error (UsageError naming the fix)."""
     try:
         import faiss
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name not in (None, "faiss"):  # faiss is there, a library it needs is not
+            raise faiss_failure(error, "to import") from None
         raise UsageError(f"faiss is not installed ({error}); install the kNN backend: pip install "
-                         "'lightning_idrs[cpu]', or 'lightning_idrs[gpu]' on a CUDA 13 GPU machine") from None
+                         "'lightning_idrs[cpu]', or 'lightning_idrs[gpu]' on a CUDA 13 GPU machine; or search "
+                         "without faiss: knn_backend torch (fit: --model.sigma.knn_backend torch; certify: "
+                         "--certify.knn_backend torch)") from None
+    except Exception as error:  # a broken wheel: missing CUDA libraries, a symbol mismatch, ...
+        raise faiss_failure(error, "to import") from None
     return faiss
 
 
 def faiss_has_gpu() -> bool:
     """Whether the installed faiss is a GPU build that sees at least one GPU."""
     faiss = import_faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    with _faiss_errors("to count the GPUs"):
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def _say_cpu_only_once() -> None:
-    global _said_cpu_only
-    if not _said_cpu_only:
-        _said_cpu_only = True
-        if hasattr(import_faiss(), "StandardGpuResources"):
-            log.warning("kNN search runs on the CPU: the GPU build of faiss sees no GPU")
-        else:
-            log.warning("kNN search runs on the CPU: the installed faiss is a CPU build (for the GPU index: "
-                        "pip uninstall -y faiss-cpu && pip install 'lightning_idrs[gpu]')")
+# ---------------------------------------------------------------------------------- float32 matrix products
+def _precision_flags():
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch 2.9+: one setting per backend
+        flags = [(matmul, "fp32_precision")]
+        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+        if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
+            flags.append((mkldnn, "fp32_precision"))
+        return flags
+    return None
 
 
+@contextmanager
+def ieee_float32_matmul():
+    """float32 matrix products in IEEE float32 inside (no TF32 or bf16 shortcuts on CUDA or oneDNN), the
+    settings restored after: the torch search's rounding bound assumes float32 arithmetic."""
+    flags = _precision_flags()
+    if flags is None:  # torch < 2.9: the one global setting
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    saved = [getattr(owner, name) for owner, name in flags]
+    for owner, name in flags:
+        setattr(owner, name, "ieee")
+    try:
+        yield
+    finally:
+        for (owner, name), value in zip(flags, saved):
+            setattr(owner, name, value)
+
+
+def _bound(d: int, unit: float) -> float:
+    """c with |computed squared distance - exact| <= c (||q||^2 + ||x_i||^2) for ||q||^2 + ||x||^2 - 2 q.x
+    (or sum (q - x)^2) evaluated in arithmetic of unit roundoff ``unit``, the query rounded to it too
+    (Higham's gamma_n; any summation order)."""
+    nu = (d + 4) * unit
+    if nu >= 0.5:
+        return math.inf
+    return 2 * nu / (1 - nu) + 4 * unit
+
+
+def _blocked_topk(q, xb, x_sq, q_sq, kc: int, budget: int):
+    """The ``kc`` smallest of ``q_sq + x_sq - 2 q xb^T`` (in q's dtype; xb converted block by block) and their
+    row ids, over blocks of at most ``budget`` distances: (dist2 [b, kc], ids [b, kc] int64)."""
+    b, n = q.shape[0], xb.shape[0]
+    cols = max(kc, budget // max(1, b))
+    best_d = best_i = None
+    for j in range(0, n, cols):
+        block = xb[j:j + cols].to(q.dtype)
+        d2 = torch.addmm(x_sq[j:j + cols].to(q.dtype), q, block.T, alpha=-2).add_(q_sq[:, None])
+        kept = 0 if best_d is None else best_d.shape[1]
+        if kept:
+            d2 = torch.cat([best_d, d2], 1)
+        best_d, pos = d2.topk(min(kc, d2.shape[1]), dim=1, largest=False)
+        fresh = pos - kept + j
+        best_i = fresh if not kept else torch.where(pos < kept, best_i.gather(1, pos.clamp(max=kept - 1)), fresh)
+    return best_d, best_i
+
+
+# ---------------------------------------------------------------------------------- the searches
+class _FaissSearch:
+    """A faiss index (CPU, or GPU with ``resources``); candidates are re-ranked on ``device``."""
+
+    def __init__(self, index, device, slack: float, where: str, resources=None):
+        self.index, self.device, self.slack, self.where, self.resources = index, device, slack, where, resources
+
+    def __call__(self, q, kc):
+        queries = np.ascontiguousarray(q.to("cpu", torch.float32).numpy())
+        with _faiss_errors(f"searching {self.where}"):
+            dist2, ids = self.index.search(queries, kc)
+        return torch.from_numpy(dist2).to(self.device), torch.from_numpy(ids).to(self.device)
+
+
+class _TorchSearch:
+    """Blocked IEEE float32 matrix products and top-k on ``device`` (no faiss)."""
+
+    def __init__(self, xb, x_sq, device, slack: float):
+        self.xb, self.x_sq, self.device, self.slack = xb, x_sq.to(torch.float32), device, slack
+
+    def __call__(self, q, kc):
+        with ieee_float32_matmul():
+            return _blocked_topk(q.to(torch.float32), self.xb, self.x_sq, (q * q).sum(1).to(torch.float32), kc,
+                                 _BLOCK[self.device.type])
+
+
+def choose(backend: str, device_type: str, faiss_gpu: bool, exact: bool = True) -> str:
+    """Which search runs for queries on ``device_type``: ``"faiss"`` (the CPU index), ``"faiss-gpu"`` or
+    ``"torch"``; ``faiss_gpu``: whether faiss' GPU index works there."""
+    if backend not in BACKENDS:
+        raise ValueError(f"knn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not exact:  # an approximate factory string: only faiss has it
+        return "faiss-gpu" if device_type == "cuda" and faiss_gpu else "faiss"
+    if backend == "torch":
+        return "torch"
+    if device_type != "cuda":
+        return "faiss"
+    if faiss_gpu:
+        return "faiss-gpu"
+    return "faiss" if backend == "faiss" else "torch"
+
+
+# ---------------------------------------------------------------------------------- the index
 class KnnIndex:
-    """faiss index over ``points`` ([n, d] float32 NumPy, centred in place and kept) with exact re-ranking.
+    """The fixed set {mu + c_i} of ``points`` ([n, d] float32 on the CPU, NumPy or torch; not modified) with
+    exact k-nearest distances, searched by faiss or torch (module docstring).
 
-    ``factory`` is a faiss ``index_factory`` string; only ``"Flat"`` is exact (``exact``), and only an
-    exact index gives a provably 1-Lipschitz mean distance.
+    ``factory`` ``"Flat"`` is the exact index (``exact``), the only one whose mean distance is provably
+    1-Lipschitz; any other faiss ``index_factory`` string builds that (approximate) faiss index. ``backend``
+    (auto, faiss, torch) and ``device`` (where the first queries come from): the search for that device is
+    built and tried on one point now, so that a broken faiss shows at once.
     """
 
-    def __init__(self, points: np.ndarray, factory: str = "Flat"):
-        faiss = import_faiss()
+    def __init__(self, points, factory: str = "Flat", backend: str = "auto", device=None):
+        points = points.detach().to("cpu").numpy() if torch.is_tensor(points) else np.asarray(points)
+        points = np.ascontiguousarray(points, dtype=np.float32)
         self.n, self.d = points.shape
-        mu = points.mean(0, dtype=np.float64)
-        for i in range(0, self.n, _ROWS):  # centre in place (translation: distances unchanged)
-            points[i:i + _ROWS] = (points[i:i + _ROWS].astype(np.float64) - mu).astype(np.float32)
-        self.index = faiss.index_factory(self.d, factory, faiss.METRIC_L2)
-        self.exact = type(self.index) in (faiss.IndexFlat, faiss.IndexFlatL2) \
-            and self.index.metric_type == faiss.METRIC_L2
-        if not self.index.is_trained:
-            self.index.train(points)
-        self.index.add(points)
-        if self.exact:  # share faiss' storage instead of keeping a second copy
-            points = faiss.rev_swig_ptr(self.index.get_xb(), self.n * self.d).reshape(self.n, self.d)
-        self.xb = torch.from_numpy(points)
-        self.max_sq_norm = max(float((self.xb[i:i + _ROWS].double() ** 2).sum(1).max())
-                               for i in range(0, self.n, _ROWS))
-        self.mu = torch.from_numpy(mu)
-        self._gpu = {}  # cuda device index -> (resources, gpu index, xb on that device) or None
+        self.factory = factory
+        self.exact = factory.strip() == "Flat"
+        if backend == "torch" and not self.exact:
+            raise ValueError(f"knn_backend 'torch' searches exactly; index_factory {factory!r} is a faiss index: use "
+                             "index_factory 'Flat' or knn_backend 'faiss'")
+        device = torch.device("cpu" if device is None else device)
+        # mu on the CPU (NumPy, in row order): the fixed set {mu + c_i} is the same whichever device searches
+        self.mu = torch.from_numpy(points.mean(0, dtype=np.float64))
+        self._xb, self._sq = {}, {}  # device -> centred float32 points, their float64 squared norms
+        self._searches = {}  # (device, kind) -> search
+        self._faiss = None  # the CPU faiss index
+        self._faiss_gpu = {}  # cuda device -> _FaissSearch, or the reason it cannot be built
+        home = device if device.type == "cuda" else torch.device("cpu")
+        self._xb[home] = self._centre(points, home)
+        self.max_sq_norm = float(self._squared_norms(home).max())
+        if not self.exact:
+            self._build_faiss()
+        self.prepare(device, backend)
+
+    # ------------------------------------------------------------------------------ storage
+    def _centre(self, points: np.ndarray, device) -> torch.Tensor:
+        """fl32(p_i - mu) for every row, on ``device`` (the same numbers on any device: one float64 subtraction
+        and one rounding per element)."""
+        if device.type == "cpu":
+            out = np.empty_like(points)
+            mu = self.mu.numpy()
+            for i in range(0, self.n, _ROWS):
+                out[i:i + _ROWS] = (points[i:i + _ROWS].astype(np.float64) - mu).astype(np.float32)
+            return torch.from_numpy(out)
+        out = torch.empty((self.n, self.d), dtype=torch.float32, device=device)
+        mu, rows = self.mu.to(device), max(1, 2 ** 24 // max(1, self.d))
+        for i in range(0, self.n, rows):
+            out[i:i + rows] = (torch.from_numpy(points[i:i + rows]).to(device).double() - mu).float()
+        return out
+
+    def _points(self, device) -> torch.Tensor:
+        """The centred float32 points on ``device`` (copied from another device once)."""
+        device = torch.device(device)
+        if device not in self._xb:
+            source = self._xb.get(torch.device("cpu"), next(iter(self._xb.values())))
+            self._xb[device] = source.to(device)
+        return self._xb[device]
+
+    @property
+    def xb(self) -> torch.Tensor:
+        """The centred float32 points c_i on the CPU."""
+        return self._points("cpu")
+
+    def _squared_norms(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._sq:
+            xb = self._points(device)
+            self._sq[device] = torch.cat([(xb[i:i + _ROWS].double() ** 2).sum(1) for i in range(0, self.n, _ROWS)])
+        return self._sq[device]
+
+    def _build_faiss(self):
+        """The CPU faiss index (IndexFlatL2, or the factory string's), sharing its storage with the CPU points."""
+        if self._faiss is not None:
+            return self._faiss
+        faiss = import_faiss()
+        xb = np.ascontiguousarray(self.xb.numpy())
+        with _faiss_errors(f"building the CPU index {self.factory!r}"):
+            if self.exact:
+                index = faiss.IndexFlatL2(self.d)  # not index_factory: pip's faiss-cuda 1.14.1 raises std::bad_cast there
+            else:
+                index = faiss.index_factory(self.d, self.factory, faiss.METRIC_L2)
+                if not index.is_trained:
+                    index.train(xb)
+            index.add(xb)
+            if self.exact:  # share faiss' storage instead of keeping a second copy
+                self._xb[torch.device("cpu")] = torch.from_numpy(
+                    faiss.rev_swig_ptr(index.get_xb(), self.n * self.d).reshape(self.n, self.d))
+        self._faiss = index
+        return index
+
+    def _gpu_search(self, device, required: bool):
+        """faiss' GPU index on ``device`` as a search, or None where it cannot be used (``required``: that is an
+        error, except for a CPU build of faiss, which searches on the CPU and says so once)."""
+        if device not in self._faiss_gpu:
+            try:
+                self._faiss_gpu[device] = self._build_gpu(device)
+            except UsageError as error:
+                if required:
+                    raise
+                self._faiss_gpu[device] = f"{error}"
+        found = self._faiss_gpu[device]
+        if isinstance(found, _FaissSearch):
+            return found
+        if found is None and required:  # a CPU build, or a GPU build that sees no GPU
+            build = "the installed faiss is a CPU build" if faiss_build().endswith("CPU build") \
+                else "faiss' GPU build sees no GPU"
+            _say_once(logging.WARNING, f"kNN search runs on the CPU: {build} (for the GPU index: pip uninstall -y "
+                      "faiss-cpu && pip install 'lightning_idrs[gpu]'; or search on the GPU with knn_backend torch)")
+        elif found is None or found.startswith("faiss is not installed"):
+            _say_once(logging.INFO, f"kNN search on {device} uses the torch backend: faiss has no GPU index here "
+                      f"({faiss_build()})")
+        else:
+            _say_once(logging.WARNING, f"kNN search on {device} uses the torch backend: faiss' GPU index failed "
+                      f"({found.split('; fix:')[0]})")
+        return None
+
+    def _build_gpu(self, device):
+        faiss = import_faiss()
+        with _faiss_errors("to count the GPUs"):
+            if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+                return None
+        dev = device.index if device.index is not None else torch.cuda.current_device()
+        where = f"faiss' GPU index on cuda:{dev}"
+        with _faiss_errors(f"building {where}"):
+            resources = faiss.StandardGpuResources()
+            if self.exact:
+                config = faiss.GpuIndexFlatConfig()
+                config.device = dev
+                index = faiss.GpuIndexFlatL2(resources, self.d, config)
+                index.add(np.ascontiguousarray(self.xb.numpy()))
+            else:
+                index = faiss.index_cpu_to_gpu(resources, dev, self._build_faiss())
+        search = _FaissSearch(index, torch.device("cuda", dev), _bound(self.d, _U32) + _GPU_SLACK, where, resources)
+        search(self._points(search.device)[:1].double(), min(self.n, 2))  # a faiss that cannot search fails now
+        return search
+
+    # ------------------------------------------------------------------------------ which search
+    def prepare(self, device, backend: str = "auto") -> None:
+        """Build (and try) the search that queries on ``device`` will use."""
+        self._search(torch.device(device), backend, min(self.n, 2))
+
+    def _search(self, device, backend: str, kc: int):
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):  # e.g. mps (no float64): searched and re-ranked on the CPU
+            device = torch.device("cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        faiss_gpu = None
+        if device.type == "cuda" and backend != "torch" and (kc <= _GPU_MAX_K or not self.exact):
+            faiss_gpu = self._gpu_search(device, required=backend == "faiss" or not self.exact)
+        kind = choose(backend, device.type, faiss_gpu is not None, self.exact)
+        if kind == "faiss-gpu":
+            return faiss_gpu
+        where = torch.device("cpu") if kind == "faiss" else device
+        key = (where, kind)
+        if key not in self._searches:
+            if kind == "faiss":
+                self._build_faiss()
+                search = _FaissSearch(self._faiss, where, _bound(self.d, _U32), "the CPU index")
+                search(self._points(where)[:1].double(), min(self.n, 2))  # a faiss that cannot search fails now
+            else:
+                search = _TorchSearch(self._points(where), self._squared_norms(where), where, _bound(self.d, _U32))
+            self._searches[key] = search
+        return self._searches[key]
 
     # ------------------------------------------------------------------------------ queries
-    def neighbour_distance(self, queries: torch.Tensor, k: int, margin: int, statistic: str = "mean") -> torch.Tensor:
+    def neighbour_distance(self, queries: torch.Tensor, k: int, margin: int, statistic: str = "mean",
+                           backend: str = "auto") -> torch.Tensor:
         """float64 d_k of each query ([b, d], any float dtype): ``statistic="mean"``, the mean distance to
         its k nearest points (the paper's); ``"kth"``, the distance to the k-th nearest. Both are
         1-Lipschitz in the query."""
         q = queries.to(torch.float64) - self.mu.to(queries.device)
-        return self._neighbour_distance(q, None, k, margin, statistic).to(queries.device)
+        return self._neighbour_distance(q, None, k, margin, statistic, backend).to(queries.device)
 
     def training_neighbour_distance(self, rows: torch.Tensor, k: int, margin: int, device,
-                                    statistic: str = "mean") -> torch.Tensor:
+                                    statistic: str = "mean", backend: str = "auto") -> torch.Tensor:
         """As :meth:`neighbour_distance` for stored points ``rows``, each excluded from its own neighbours (by index)."""
-        q = self.xb[rows].to(device, torch.float64)
-        return self._neighbour_distance(q, rows, k, margin, statistic).to(device)
+        search = self._search(device, backend, min(self.n, k + 1 + margin))
+        rows = rows.to(search.device)
+        q = self._points(search.device).index_select(0, rows).double()
+        return self._neighbour_distance(q, rows, k, margin, statistic, backend, search).to(device)
 
     # ------------------------------------------------------------------------------ core
     @torch.no_grad()
-    def _neighbour_distance(self, q, exclude: Optional[torch.Tensor], k: int, margin: int, statistic: str = "mean"):
+    def _neighbour_distance(self, q, exclude: Optional[torch.Tensor], k: int, margin: int, statistic: str = "mean",
+                            backend: str = "auto", search=None):
         """Exact mean (or k-th) distance from centred queries q [b, d] to their k nearest points (``exclude``: row ids)."""
-        gpu = self._on_gpu(q.device)
-        device = q.device if gpu is not None else torch.device("cpu")
-        q = q.to(device)
-        xb = gpu[2] if gpu is not None else self.xb
-        exclude = None if exclude is None else exclude.to(device)
         kc = min(self.n, k + (exclude is not None) + margin)
-        searcher = gpu[1] if gpu is not None and kc <= _GPU_MAX_K else self.index
-        dist2, ids = searcher.search(np.ascontiguousarray(q.to("cpu", torch.float32).numpy()), kc)
-        dist2, ids = torch.from_numpy(dist2).to(device), torch.from_numpy(ids).to(device)
+        search = search or self._search(q.device, backend, kc)
+        device = search.device
+        q = q.to(device)
+        xb = self._points(device)
+        exclude = None if exclude is None else exclude.to(device)
+        dist2, ids = search(q, kc)
         nearest = self._candidate_dist(q, xb, ids, exclude).topk(k, dim=1, largest=False).values
         if kc == self.n or not self.exact:
             ok = torch.ones(len(q), dtype=torch.bool, device=device)
-        else:  # no non-candidate can be closer than the k-th: faiss put it after all candidates
-            slack = self._bound(searcher is not self.index) * ((q * q).sum(1) + self.max_sq_norm)
-            ok = (dist2.max(1).values.double() - slack >= nearest[:, -1] ** 2) & (ids >= 0).all(1)
+        else:
+            ok = self._proven(q, dist2, ids, nearest, search.slack)
         ok &= torch.isfinite(nearest[:, -1])  # fewer than k valid candidates (approximate index)
         out = nearest.mean(1) if statistic == "mean" else nearest[:, -1].clone()
         redo = (~ok).nonzero().squeeze(1)
         if len(redo):
-            nearest = self._brute_force(q[redo], xb, None if exclude is None else exclude[redo], k, margin)
+            nearest = self._scan(q[redo], xb, None if exclude is None else exclude[redo], k, margin)
             out[redo] = nearest.mean(1) if statistic == "mean" else nearest[:, -1]
         return out
 
+    def _proven(self, q, dist2, ids, nearest, slack: float) -> torch.Tensor:
+        """Rows where no point outside ``ids`` can have a float64 distance below the k-th (``nearest[:, -1]``).
+
+        Every point outside has a search distance >= the largest candidate's, so its exact squared distance is
+        >= that minus the rounding bound ``slack`` (q's and the points' squared norms). The factor 1 + eps keeps
+        the float64 re-computation of that exact distance (the norm of the difference: relative error below
+        (d + 4) 2^-53) from falling below the k-th computed one: the result is the k smallest float64 distances
+        over all points, whichever search proposed the candidates."""
+        eps = 4 * (self.d + 4) * _U64
+        floor = dist2.max(1).values.double() - slack * ((q * q).sum(1) + self.max_sq_norm)
+        return (floor >= nearest[:, -1] ** 2 * (1 + eps)) & (ids >= 0).all(1)
+
     def _candidate_dist(self, q, xb, ids, exclude):
         """Exact float64 distances ||q - x_id|| (norm of the difference); +inf for excluded or missing ids."""
-        rows = max(1, _CHUNK_ELEMENTS // max(1, ids.shape[1] * q.shape[1]))
+        b, kc = ids.shape
         out = torch.empty(ids.shape, dtype=torch.float64, device=q.device)
-        for i in range(0, len(q), rows):
-            chunk = ids[i:i + rows]
-            cand = xb.index_select(0, chunk.clamp(min=0).reshape(-1)).view(*chunk.shape, -1)
-            out[i:i + rows] = torch.linalg.vector_norm(cand.to(torch.float64).sub_(q[i:i + rows, None]), dim=-1)
+        chunk = _CHUNK[q.device.type]
+        if kc * self.d <= chunk:
+            rows = max(1, chunk // max(1, kc * self.d))
+            for i in range(0, b, rows):
+                part = ids[i:i + rows]
+                cand = xb.index_select(0, part.clamp(min=0).reshape(-1)).view(*part.shape, -1)
+                out[i:i + rows] = torch.linalg.vector_norm(cand.to(torch.float64).sub_(q[i:i + rows, None]), dim=-1)
+        else:  # every point of a row (the exhaustive scan): the row's candidates in pieces
+            cols = max(1, chunk // max(1, self.d))
+            for i in range(b):  # rare rows: a Python loop is fine
+                for j in range(0, kc, cols):
+                    cand = xb.index_select(0, ids[i, j:j + cols].clamp(min=0))
+                    out[i, j:j + cols] = torch.linalg.vector_norm(cand.to(torch.float64).sub_(q[i]), dim=-1)
         out[ids < 0] = math.inf
         if exclude is not None:
             out[ids == exclude[:, None]] = math.inf
         return out
 
-    def _brute_force(self, q, xb, exclude, k, margin):
-        """The k nearest exact distances [b, k] (ascending) by a float64 scan over all points: the fallback
-        when faiss' ranking can't be proven."""
+    def _scan(self, q, xb, exclude, k, margin):
+        """The k nearest float64 distances [b, k] (ascending) by a float64 scan over all points: the fallback
+        where the search's ranking can't be proven. Its own float64 ranking is proven like the search's;
+        rows where even that fails (many points at one distance) get every distance computed."""
         kc = min(self.n, k + (exclude is not None) + margin)
-        best_d = torch.full((len(q), 0), math.inf, dtype=torch.float64, device=q.device)
-        best_i = torch.zeros((len(q), 0), dtype=torch.long, device=q.device)
-        q_sq = (q * q).sum(1, keepdim=True)
-        for j in range(0, self.n, _ROWS):
-            block = xb[j:j + _ROWS].to(torch.float64)
-            d2 = q_sq + (block * block).sum(1) - 2 * q @ block.T
-            best_d, pos = torch.cat([best_d, d2], 1).topk(min(kc, best_d.shape[1] + len(block)), 1, largest=False)
-            best_i = torch.cat([best_i, torch.arange(j, j + len(block), device=q.device).expand(len(q), -1)], 1)
-            best_i = best_i.gather(1, pos)
-        return self._candidate_dist(q, xb, best_i, exclude).topk(k, dim=1, largest=False).values
-
-    def _bound(self, on_gpu: bool) -> float:
-        """c with |faiss' squared distance - exact| <= c (||q||^2 + ||x_i||^2) (Higham's gamma_n)."""
-        nu = (self.d + 4) * _U32
-        if nu >= 0.5:
-            return math.inf
-        return 2 * nu / (1 - nu) + 4 * _U32 + (_GPU_SLACK if on_gpu else 0.0)
-
-    def _on_gpu(self, device):
-        """(resources, gpu index, xb) for ``device``, or None when faiss cannot search there."""
-        if device.type != "cuda":
-            return None
-        if not faiss_has_gpu():
-            _say_cpu_only_once()
-            return None
-        faiss = import_faiss()
-        dev = device.index if device.index is not None else torch.cuda.current_device()
-        if dev not in self._gpu:
-            try:
-                resources = faiss.StandardGpuResources()
-                self._gpu[dev] = (resources, faiss.index_cpu_to_gpu(resources, dev, self.index),
-                                  self.xb.to(torch.device("cuda", dev)))
-            except Exception as error:  # e.g. an index type without GPU support
-                warnings.warn(f"faiss GPU index unavailable ({error}); searching on the CPU")
-                self._gpu[dev] = None
-        return self._gpu[dev]
+        dist2, ids = _blocked_topk(q, xb, self._squared_norms(q.device), (q * q).sum(1), kc, _BLOCK[q.device.type])
+        nearest = self._candidate_dist(q, xb, ids, exclude).topk(k, dim=1, largest=False).values
+        if kc == self.n:
+            return nearest
+        redo = (~self._proven(q, dist2, ids, nearest, _bound(self.d, _U64))).nonzero().squeeze(1)
+        if len(redo):
+            every = torch.arange(self.n, device=q.device).expand(len(redo), -1)
+            nearest[redo] = self._candidate_dist(q[redo], xb, every, None if exclude is None else exclude[redo]) \
+                .topk(k, dim=1, largest=False).values
+        return nearest

@@ -27,8 +27,9 @@ def test_doctor_gpu_without_a_gpu_says_so_after_the_cpu_checks_and_exits_0(tmp_p
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     status = {line[5:].split(":")[0]: line[:5].strip() for line in lines if line[:5].strip() in ("ok", "FAIL", "skip")}
-    assert status == {"versions": "ok", "libraries": "ok", "faiss": "ok", "cpu": "ok", "gpu": "ok", "knn cpu": "ok",
-                      "certify cpu": "ok", "gpu checks": "skip"}, lines
+    assert status == {"versions": "ok", "libraries": "ok", "faiss": "ok", "cpu": "ok", "gpu": "ok", "knn faiss cpu": "ok",
+                      "knn torch cpu": "ok", "certify cpu": "ok", "gpu checks": "skip"}, lines
+    assert "bit-identical to faiss" in result.stdout and "kNN sigma (auto backend)" in result.stdout
     assert f"torch {torch.__version__}" in lines[0] and "lightning_idrs 0." in lines[0]
     assert "skip gpu checks: no CUDA GPU is visible to torch" in result.stdout
     assert lines[-1] == "doctor: all checks passed"
@@ -38,35 +39,38 @@ def test_doctor_gpu_without_a_gpu_says_so_after_the_cpu_checks_and_exits_0(tmp_p
 
 
 @pytest.mark.slow
-def test_doctor_without_faiss_fails_that_check_and_still_certifies(tmp_path):
+def test_doctor_with_a_faiss_that_cannot_import_fails_that_check_and_still_certifies(tmp_path):
     fake = tmp_path / "fake"
     (fake / "faiss").mkdir(parents=True)
-    (fake / "faiss" / "__init__.py").write_text("raise ImportError('No module named faiss')\n")
+    (fake / "faiss" / "__init__.py").write_text("raise ImportError('libfaiss.so: cannot open shared object file')\n")
     home = tmp_path / "home"
     home.mkdir()
     result = run_doctor(home, pythonpath=[fake])
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
-    assert "FAIL faiss: faiss is not installed" in result.stdout and "pip install 'lightning_idrs[cpu]'" in result.stdout
-    assert "ok   certify cpu:" in result.stdout and "constant sigma (no faiss)" in result.stdout
-    assert "knn cpu" not in result.stdout
+    assert "FAIL faiss: faiss failed to import: ImportError: libfaiss.so: cannot open shared object file (faiss-" \
+        in result.stdout and "pip install 'lightning_idrs[cpu]'" in result.stdout
+    assert "ok   knn torch cpu:" in result.stdout and "knn faiss cpu" not in result.stdout
+    assert "ok   certify cpu:" in result.stdout and "kNN sigma (torch backend)" in result.stdout
     assert result.stdout.splitlines()[-1] == "doctor: 1 check(s) failed: faiss"
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_two_owners_of_the_faiss_module_fail_with_the_fix(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "faiss_owners", lambda: ["faiss-cpu", "faiss-cuda"])
     report = doctor.Report()
-    assert doctor.check_versions(report) is False and report.failed == ["faiss"]
+    assert doctor.check_faiss(report) is False and report.failed == ["faiss"]
     out = capsys.readouterr().out.splitlines()[-1]
     assert out.startswith("FAIL faiss: 2 packages own the faiss module (faiss-cpu, faiss-cuda)")
     assert "pip uninstall -y faiss-cpu faiss-cuda" in out
 
 
 def test_the_knn_check_fails_when_the_index_disagrees_with_brute_force(monkeypatch, capsys):
-    assert doctor.check_knn(doctor.Report(), "cpu")
+    assert doctor.check_knn(doctor.Report(), "cpu") and doctor.check_knn(doctor.Report(), "cpu", "torch")
     exact = doctor.brute_force_knn
     monkeypatch.setattr(doctor, "brute_force_knn", lambda *a: exact(*a) * (1 + 1e-7))
     report = doctor.Report()
-    assert not doctor.check_knn(report, "cpu") and report.failed == ["knn cpu"]
+    assert not doctor.check_knn(report, "cpu") and not doctor.check_knn(report, "cpu", "torch")
+    assert report.failed == ["knn faiss cpu", "knn torch cpu"]
 
 
 def test_rows_with_an_invalid_radius_fail(capsys):

@@ -67,6 +67,10 @@ def describe_parse_error(error) -> str:
     if errors[0].startswith("Expected a <class 'bool'>") and given:  # a switch, however it is typed
         return f"--{key} must be true or false, got {given.group(1) or given.group(2)}"
     value = given and (given.group(1) or given.group(2))
+    optional_choice = re.match(r"Expected a typing\.Literal\[(.*)\]$", errors[0])
+    if optional_choice and value:  # an Optional[Literal[...]] option
+        options = ", ".join(re.findall(r"'([^']*)'", optional_choice.group(1)))
+        return f"--{key} must be one of {options}, got {value}"
     got = f", got {value}" if value and "NestedArg" not in value else ""
     return f"--{key}: {_TYPE.sub(lambda m: m.group(1), errors[0]).replace('Expected a ', 'expected ')}{got}"
 

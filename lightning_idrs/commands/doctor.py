@@ -1,14 +1,19 @@
 """``python -m lightning_idrs doctor [--gpu]``: is this installation sound, and does the GPU path work?
 
 Always (a few seconds on a CPU): the versions of Python and the libraries, who owns the ``faiss``
-module (exactly one wheel may), the devices, the exact kNN against a float64 brute force on a random
-set, and two points certified on the CPU with a tiny random model in fp32 and bf16, rows compared.
+module (exactly one wheel may) and whether it imports, the devices, the exact kNN of both backends
+(faiss, torch) against a float64 brute force on a random set with duplicates (torch bit-identical to
+faiss), and two points certified on the CPU with a tiny random model in fp32 and bf16, rows compared.
 
-With ``--gpu``, on a machine with a CUDA GPU: faiss' GPU build present, the kNN on the GPU equal to
-the CPU one on a random set, 10 points certified on the GPU in fp32 and in bf16 with the rows
+With ``--gpu``, on a machine with a CUDA GPU: faiss' GPU index (a CPU build of faiss is a ``skip``:
+the GPU then searches with the torch backend) and the torch backend on the GPU, each equal to the
+CPU kNN within float64 rounding; 10 points certified on the GPU in fp32 and in bf16 with the rows
 compared, and the throughput of ResNet-110 (CIFAR-sized inputs) at n = 10,000 in fp32 and bf16.
-Without a GPU it says so and stops after the CPU part. Exit code 0 when no check failed, 1 when one
-did (each ``FAIL`` line says which and what to do), 2 on a bad argument.
+Without a GPU it says so and stops after the CPU part.
+
+Every check runs whatever the others did: a check that fails, or raises (a faiss that crashes, a
+CUDA error), prints one ``FAIL`` line saying what and what to do, and the next check runs. Exit code
+0 when no check failed (``skip`` lines are not failures), 1 when one did, 2 on a bad argument.
 """
 from __future__ import annotations
 
@@ -23,15 +28,14 @@ import numpy as np
 import torch
 
 import lightning_idrs
-from lightning_idrs.knn import KnnIndex, faiss_has_gpu, import_faiss
+from lightning_idrs.knn import KnnIndex, faiss_owners, import_faiss
 from lightning_idrs.models import build_model
 from lightning_idrs.sigma import ConstantSigma, KnnSigma
 from lightning_idrs.smoothing import ABSTAIN, SmoothedClassifier, use_channels_last
-from lightning_idrs.arguments import UsageError
+from lightning_idrs.arguments import UsageError, one_line
 
 LIBRARIES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "jsonargparse", "numpy", "scipy",
              "scikit-learn", "matplotlib", "wandb", "filelock", "mlxtend")
-FAISS_WHEELS = ("faiss-cpu", "faiss-cuda", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs", "faiss")
 CPU_CHECK = dict(points=2, n0=32, n=512, batch_size=256, train=400, shape=(1, 8, 8), arch="small_cnn")
 GPU_CHECK = dict(points=10, n0=100, n=10_000, batch_size=1000, train=5000, shape=(3, 32, 32), arch="resnet20")
 THROUGHPUT = dict(arch="resnet110", points=2, n0=100, n=10_000, batch_size=1000)
@@ -52,6 +56,19 @@ class Report:
         self.line("ok" if passed else "FAIL", name, detail if passed or not fix else f"{detail}; {fix}")
         return passed
 
+    def run(self, name: str, check, *args):
+        """``check(self, *args)``; an exception it raises becomes this check's ``FAIL`` line (the next check
+        still runs). Returns what the check returned, False when it raised."""
+        try:
+            return check(self, *args)
+        except Exception as error:  # a broken faiss or CUDA raises anything; the doctor reports it and goes on
+            if isinstance(error, UsageError):  # already names the problem and the fix
+                self.line("FAIL", name, one_line(error))
+            else:
+                self.line("FAIL", name, f"{type(error).__name__}: {one_line(error)[:500]} (raised by the check; "
+                          "report it with this output if the fix is not clear)")
+            return False
+
 
 def _version(distribution: str) -> str:
     try:
@@ -60,18 +77,17 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-def faiss_owners() -> list:
-    """The installed distributions that provide the top-level ``faiss`` module."""
-    owners = metadata.packages_distributions().get("faiss", [])
-    return sorted(set(owners) | {name for name in FAISS_WHEELS if _version(name) != "not installed"})
-
-
 def check_versions(report: Report) -> bool:
-    """Versions; the faiss module has exactly one owner. Returns whether faiss can be used."""
+    """The versions of Python, torch and the libraries."""
     cuda = torch.version.cuda or "none (a CPU build)"
     report.line("ok", "versions", f"Python {platform.python_version()}, lightning_idrs {lightning_idrs.__version__}, "
                 f"torch {torch.__version__} (CUDA {cuda})")
     report.line("ok", "libraries", ", ".join(f"{name} {_version(name)}" for name in LIBRARIES[1:]))
+    return True
+
+
+def check_faiss(report: Report) -> bool:
+    """The faiss module has exactly one owner and imports. Returns whether faiss can be used."""
     owners = faiss_owners()
     if not owners:
         return report.check("faiss", False, "not installed", "pip install 'lightning_idrs[cpu]' (or [gpu] with a GPU)")
@@ -79,10 +95,7 @@ def check_versions(report: Report) -> bool:
         return report.check("faiss", False, f"{len(owners)} packages own the faiss module ({', '.join(owners)})",
                             "keep one: pip uninstall -y " + " ".join(owners) + ", then pip install 'lightning_idrs[cpu]'"
                             " or '[gpu]'")
-    try:
-        faiss = import_faiss()
-    except UsageError as error:
-        return report.check("faiss", False, str(error))
+    faiss = import_faiss()  # a failing import: its UsageError is the FAIL line
     build = "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU build"
     return report.check("faiss", True, f"{owners[0]} {_version(owners[0])} ({build}, faiss {faiss.__version__})")
 
@@ -100,6 +113,15 @@ def check_devices(report: Report) -> bool:
     return True
 
 
+def knn_data(n: int = 2000, d: int = 32, queries: int = 64):
+    """A random set with exact duplicates (3 points 40 times each: ties beyond the candidate margin) and
+    queries among them, float32: (points, queries)."""
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((n, d)).astype(np.float32)
+    points = np.concatenate([points, np.repeat(points[:3], 40, axis=0)])
+    return points, np.concatenate([rng.standard_normal((queries - 3, d)), points[:3]]).astype(np.float32)
+
+
 def brute_force_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Mean float64 distance to the k nearest of KnnIndex's fixed set {mu + fl32(p_i - mu)}."""
     mu = points.astype(np.float64).mean(0)
@@ -108,30 +130,68 @@ def brute_force_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarr
     return np.sort(dist, axis=1)[:, :k].mean(1)
 
 
-def check_knn(report: Report, device: str, n: int = 2000, d: int = 32, k: int = 10) -> bool:
-    """The exact kNN on ``device`` against a float64 brute force (CPU) or the CPU index (GPU)."""
-    rng = np.random.default_rng(0)
-    points, queries = rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((64, d)).astype(np.float32)
-    index = KnnIndex(points.copy(), "Flat")
+def float64_tolerance(index: KnnIndex, dist: np.ndarray, k: int) -> np.ndarray:
+    """Twice the float64 forward-error bound of a computed d_k (docs/math.md, "Floating point"): two
+    devices that sum in other orders may differ by this much, never more."""
+    bound = np.sqrt(index.max_sq_norm) + float(index.mu.norm())
+    return 2 * (index.d + k + 16) * 2.0 ** -52 * (dist + 2 * bound)
+
+
+def check_knn(report: Report, device: str, backend: str = "faiss", faiss_ok: bool = True, k: int = 10) -> bool:
+    """The exact kNN of ``backend`` on ``device``: on the CPU against a float64 brute force (torch also
+    bit-identical to faiss where ``faiss_ok``); on a GPU against the CPU kNN (faiss, else torch) within the
+    float64 rounding two devices may differ by."""
+    points, queries = knn_data()
+    index = KnnIndex(points, "Flat", backend, device)
     q = torch.from_numpy(queries)
-    got = index.neighbour_distance(q.to(device), k, margin=16).cpu().numpy()
+    got = index.neighbour_distance(q.to(device), k, margin=16, backend=backend).cpu().numpy()
+    name = f"knn {backend} {device}"
+    size = f"{len(queries)} queries, {len(points)} points (3 of them 41 times), d={points.shape[1]}, k={k}"
     if device == "cpu":
-        reference, against = brute_force_knn(points, queries, k), "a float64 brute force"
-    else:
-        reference, against = index.neighbour_distance(q, k, margin=16).numpy(), "the CPU index"
-    error = float(np.abs(got - reference).max())
-    return report.check(f"knn {device}", error <= 1e-9 * float(np.abs(reference).max()),
-                        f"{len(queries)} queries, {n} points, d={d}, k={k}: max |difference| to {against} {error:.1e}")
+        reference = brute_force_knn(points, queries, k)
+        error = float(np.abs(got - reference).max())
+        detail = f"{size}: max |difference| to a float64 brute force {error:.1e}"
+        if error > 1e-9 * float(np.abs(reference).max()):
+            return report.check(name, False, detail, "the exact kNN is wrong here: report this as a bug")
+        if backend == "torch" and faiss_ok:
+            same = np.array_equal(got, KnnIndex(points).neighbour_distance(q, k, margin=16, backend="faiss").numpy())
+            return report.check(name, same, f"{detail}; " + ("bit-identical to faiss" if same else "differs from faiss"),
+                                "report this as a bug")
+        return report.check(name, True, detail)
+    cpu = "faiss" if faiss_ok else "torch"
+    reference = KnnIndex(points, "Flat", cpu).neighbour_distance(q, k, margin=16, backend=cpu).numpy()
+    error = np.abs(got - reference)
+    if not error.any():
+        return report.check(name, True, f"{size}: bit-identical to the CPU ({cpu})")
+    within = bool((error <= float64_tolerance(index, reference, k)).all())
+    return report.check(name, within, f"{size}: max |difference| to the CPU ({cpu}) {error.max():.1e}, "
+                        f"{'within' if within else 'beyond'} float64 rounding", "report this as a bug")
 
 
-def make_smoothed(spec: dict, device: str, knn: bool, seed: int = 0):
-    """A random model (weights channels-last) and sigma for ``spec``; returns (model, sigma, points)."""
+def check_faiss_gpu(report: Report) -> bool:
+    """faiss' GPU index (a GPU build of faiss) against the CPU kNN; a CPU build of faiss is a skip."""
+    faiss = import_faiss()
+    if not hasattr(faiss, "StandardGpuResources"):
+        report.line("skip", "knn faiss cuda", "the installed faiss is a CPU build: on the GPU the kNN searches with the "
+                    "torch backend (knn_backend auto); for faiss' GPU index: pip uninstall -y faiss-cpu && pip install "
+                    "'lightning_idrs[gpu]'")
+        return False
+    if faiss.get_num_gpus() == 0:
+        return report.check("knn faiss cuda", False, "faiss' GPU build sees no GPU", "check the CUDA driver, or "
+                            "pip uninstall -y faiss-cuda && pip install 'lightning_idrs[cpu]' (the torch backend then "
+                            "searches on the GPU)")
+    return check_knn(report, "cuda", "faiss", True)
+
+
+def make_smoothed(spec: dict, device: str, knn, seed: int = 0):
+    """A random model (weights channels-last) and sigma for ``spec`` (``knn``: the kNN backend of a kNN
+    sigma, or None for a constant one); returns (model, sigma, points)."""
     torch.manual_seed(seed)
     shape = spec["shape"]
     model = build_model(spec["arch"], shape, 10, [0.5] * shape[0], [0.25] * shape[0]).to(device).eval()
     use_channels_last(model, shape, device)
     if knn:
-        sigma = KnnSigma(sigma_base=0.25, semi_elasticity=0.1, k=10).to(device)
+        sigma = KnnSigma(sigma_base=0.25, semi_elasticity=0.1, k=10, knn_backend=knn).to(device)
         sigma.fit(torch.rand(spec["train"], *shape, device=device))
     else:
         sigma = ConstantSigma(0.25).to(device)
@@ -163,15 +223,15 @@ def compare_rows(report: Report, name: str, fp32, bf16) -> bool:
                         "a row has a negative or non-finite radius: report this as a bug")
 
 
-def check_certify(report: Report, spec: dict, device: str, knn: bool) -> bool:
+def check_certify(report: Report, spec: dict, device: str, knn) -> bool:
     model, sigma, points = make_smoothed(spec, device, knn)
     rows = [certify_rows(model, sigma, points, spec, device, precision) for precision in ("fp32", "bf16")]
-    kind = "kNN sigma" if knn else "constant sigma (no faiss)"
+    kind = f"kNN sigma ({knn} backend)" if knn else "constant sigma (no working kNN)"
     print(f"     {spec['arch']} with random weights, {kind}, n0={spec['n0']}, n={spec['n']:,}, seed 1 for both:")
     return compare_rows(report, f"certify {device}", *rows)
 
 
-def check_throughput(report: Report, device: str, knn: bool) -> None:
+def check_throughput(report: Report, device: str, knn) -> None:
     """Samples per second of ResNet-110 certification at n = 10,000 (CIFAR-sized inputs) in fp32 and bf16."""
     spec = dict(GPU_CHECK, **THROUGHPUT)
     model, sigma, points = make_smoothed(spec, device, knn)
@@ -194,19 +254,25 @@ def run(argv) -> int:
     parser.add_argument("--gpu", action="store_true", help="also run the GPU checks (needs a CUDA GPU)")
     args = parser.parse_args(argv)
     report = Report()
-    knn = check_versions(report)
-    has_gpu = check_devices(report)
-    if knn:
-        check_knn(report, "cpu")
-    check_certify(report, CPU_CHECK, "cpu", knn)
+    report.run("versions", check_versions)
+    faiss_ok = report.run("faiss", check_faiss)
+    has_gpu = report.run("gpu", check_devices)
+    knn = None  # the backend the certify checks use: faiss where it works, else torch, else a constant sigma
+    faiss_ok = faiss_ok and report.run("knn faiss cpu", check_knn, "cpu", "faiss")
+    knn = "auto" if faiss_ok else None
+    if report.run("knn torch cpu", check_knn, "cpu", "torch", faiss_ok) and knn is None:
+        knn = "torch"
+    report.run("certify cpu", check_certify, CPU_CHECK, "cpu", knn)
     if args.gpu and not has_gpu:
         report.line("skip", "gpu checks", "no CUDA GPU is visible to torch; nothing GPU-related was checked")
     elif args.gpu:
-        if knn and report.check("faiss gpu", faiss_has_gpu(), "faiss' GPU build sees the GPU",
-                                "pip uninstall -y faiss-cpu && pip install 'lightning_idrs[gpu]'"):
-            check_knn(report, "cuda")
-        check_certify(report, GPU_CHECK, "cuda", knn)  # without faiss' GPU build the kNN search runs on the CPU
-        check_throughput(report, "cuda", knn)
+        gpu_knn = None
+        if faiss_ok and report.run("knn faiss cuda", check_faiss_gpu):
+            gpu_knn = "auto"  # faiss' GPU index
+        if report.run("knn torch cuda", check_knn, "cuda", "torch", faiss_ok) and gpu_knn is None:
+            gpu_knn = "torch"
+        report.run("certify cuda", check_certify, GPU_CHECK, "cuda", gpu_knn)
+        report.run("throughput", check_throughput, "cuda", gpu_knn)
     print(f"doctor: {len(report.failed)} check(s) failed: {', '.join(report.failed)}" if report.failed
           else "doctor: all checks passed")
     return 1 if report.failed else 0
