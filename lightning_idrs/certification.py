@@ -55,8 +55,8 @@ class CertifyOptions(ReportOptions, CertifySettings):
         compile: run the base model under torch.compile, one static batch shape (the last batch padded):
             auto (max-autotune on a CUDA GPU, none on CPU), none, default or max-autotune (README, "GPU").
         knn_backend: the kNN search of a kNN sigma: auto, faiss or torch (default: the checkpoint's). It changes
-            the speed, not sigma(x) (on a device every backend gives the same distances), so it is not
-            recorded with the rows; use torch where faiss is missing or broken.
+            the speed, not sigma(x) (the same distances up to float64 rounding, bit-identical on the CPU),
+            so it is not recorded with the rows; use torch where faiss is missing or broken.
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 

@@ -202,6 +202,8 @@ def _blocked_topk(q, xb, x_sq, q_sq, kc: int, budget: int):
     row ids, over blocks of at most ``budget`` distances: (dist2 [b, kc], ids [b, kc] int64)."""
     b, n = q.shape[0], xb.shape[0]
     cols = max(kc, budget // max(1, b))
+    if xb.dtype != q.dtype:  # each block of points is converted: bound that copy too
+        cols = max(kc, min(cols, budget // max(1, xb.shape[1])))
     best_d = best_i = None
     for j in range(0, n, cols):
         block = xb[j:j + cols].to(q.dtype)
@@ -285,27 +287,23 @@ class KnnIndex:
         self._faiss = None  # the CPU faiss index
         self._faiss_gpu = {}  # cuda device -> _FaissSearch, or the reason it cannot be built
         home = device if device.type == "cuda" else torch.device("cpu")
-        self._xb[home] = self._centre(points, home)
-        self.max_sq_norm = float(self._squared_norms(home).max())
+        self._xb[home], self._sq[home] = self._centre(points, home)
+        self.max_sq_norm = float(self._sq[home].max())
         if not self.exact:
             self._build_faiss()
         self.prepare(device, backend)
 
     # ------------------------------------------------------------------------------ storage
-    def _centre(self, points: np.ndarray, device) -> torch.Tensor:
-        """fl32(p_i - mu) for every row, on ``device`` (the same numbers on any device: one float64 subtraction
-        and one rounding per element)."""
-        if device.type == "cpu":
-            out = np.empty_like(points)
-            mu = self.mu.numpy()
-            for i in range(0, self.n, _ROWS):
-                out[i:i + _ROWS] = (points[i:i + _ROWS].astype(np.float64) - mu).astype(np.float32)
-            return torch.from_numpy(out)
+    def _centre(self, points: np.ndarray, device):
+        """(fl32(p_i - mu) for every row, their float64 squared norms) on ``device``: the same numbers on any
+        device (one float64 subtraction and one rounding per element; each norm summed within its row)."""
         out = torch.empty((self.n, self.d), dtype=torch.float32, device=device)
-        mu, rows = self.mu.to(device), max(1, 2 ** 24 // max(1, self.d))
+        sq = torch.empty(self.n, dtype=torch.float64, device=device)
+        mu, rows = self.mu.to(device), max(1, 2 ** 22 // max(1, self.d))
         for i in range(0, self.n, rows):
-            out[i:i + rows] = (torch.from_numpy(points[i:i + rows]).to(device).double() - mu).float()
-        return out
+            block = (torch.from_numpy(points[i:i + rows]).to(device).double() - mu).float()
+            out[i:i + rows], sq[i:i + rows] = block, (block.double() ** 2).sum(1)
+        return out, sq
 
     def _points(self, device) -> torch.Tensor:
         """The centred float32 points on ``device`` (copied from another device once)."""

@@ -162,9 +162,9 @@ class KnnSigma(Sigma):
             distance to the k-th nearest); both are 1-Lipschitz, so the certificate is the same.
         knn_backend: the search that proposes the candidates: ``faiss``, ``torch`` (blocked float32
             matrix products on the module's device, no faiss needed) or ``auto`` (faiss' GPU index when it
-            works, else torch on a CUDA device; faiss on the CPU). Not part of sigma(x): on a device every
-            backend gives the same d_k (bit-identical on the CPU), so it is not recorded in the state and
-            a checkpoint's sigma is compared without it (``RUNTIME_OPTIONS``).
+            works, else torch on a CUDA device; faiss on the CPU). Not part of sigma(x): every backend
+            gives the same d_k up to float64 rounding (bit-identical on the CPU), so it is not in the state
+            and a checkpoint's sigma is compared without it (``RUNTIME_OPTIONS``).
 
     State: ``state_dict()`` carries sigma_b, r, k, m, Lip declaration, the index type, the training
     set fingerprint (extra state) and phi's parameters (submodule); never the training data. After
