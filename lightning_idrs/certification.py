@@ -54,9 +54,7 @@ class CertifyOptions(ReportOptions, CertifySettings):
             CPU (benchmarks/README.md); the logits move by float rounding only. false: the layout it was trained in.
         compile: run the base model under torch.compile, one static batch shape (the last batch padded):
             auto (max-autotune on a CUDA GPU, none on CPU), none, default or max-autotune (README, "GPU").
-        knn_backend: the kNN search of a kNN sigma: auto, faiss or torch (default: the checkpoint's). It changes
-            the speed, not sigma(x) (the same distances up to float64 rounding, bit-identical on the CPU),
-            so it is not recorded with the rows; use torch where faiss is missing or broken.
+        knn_backend: a kNN sigma's search (auto, faiss, torch; default: the checkpoint's): same sigma(x), not recorded.
         device: the older option: auto, cpu or cuda, an alias of accelerator.
     """
 
@@ -78,8 +76,6 @@ class CertifyOptions(ReportOptions, CertifySettings):
     def __post_init__(self):
         CertifySettings.__post_init__(self)
         ReportOptions.__post_init__(self)
-        if self.knn_backend not in (None, "auto", "faiss", "torch"):
-            raise ValueError(f"knn_backend must be one of auto, faiss, torch, got {self.knn_backend!r}")
 
 
 @dataclass
@@ -172,7 +168,7 @@ def _check_folder(out) -> None:
 def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
     """(loaded checkpoint, data set, selected indices, settings, the base classifier to run): everything
     that determines the rows."""
-    from lightning_idrs.checkpoint import load_checkpoint
+    from lightning_idrs.checkpoint import comparable_sigma, load_checkpoint
     from lightning_idrs.compiling import compile_for_certification
     from lightning_idrs.reporting import radius_grid
     from lightning_idrs.smoothing import NOISE_VERSION, use_channels_last
@@ -196,8 +192,8 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
     settings = {
         "checkpoint_sha256": loaded.sha256, "dataset": datamodule.name, "data_fingerprint": datamodule.fingerprint(),
         "split": opts.split, "split_fingerprint": datamodule.fingerprint(opts.split), "dim": model.input_dim,
-        "sigma": type(model.sigma).without_runtime_options(model.hparams.sigma), "semi_elasticity": r, "noise": NOISE_VERSION, "precision": opts.precision,
-        **({"memory_format": "channels_last"} if converted else {}),
+        "sigma": comparable_sigma(model.hparams.sigma, model.sigma), "semi_elasticity": r, "noise": NOISE_VERSION,
+        "precision": opts.precision, **({"memory_format": "channels_last"} if converted else {}),
         **({"compile": compiled} if compiled != "none" else {}),  # compiled: the logits move by rounding too
         **{name: getattr(opts, name) for name in ROW_SETTINGS},
     }

@@ -163,12 +163,23 @@ def _canonical(config):
     return config
 
 
+def comparable_sigma(config, sigma):
+    """``config`` (``sigma``'s ``{"class_path", "init_args"}``) without the init args that only choose how its
+    class computes sigma(x) (``Sigma.RUNTIME_OPTIONS``, e.g. knn_backend): what a checkpoint's record of its
+    sigma and a certify folder's settings compare, so that another backend is the same sigma."""
+    names = getattr(type(sigma), "RUNTIME_OPTIONS", ())
+    args = config.get("init_args") if isinstance(config, dict) else None
+    if not names or not isinstance(args, dict):
+        return config
+    return {**config, "init_args": {k: v for k, v in args.items() if k not in names}}
+
+
 def check_sigma_record(model: IDRSClassifier, metadata: dict, path) -> None:
     """Refuse a sigma that is not the one the checkpoint was trained and recorded with: another class,
     other parameters or another semi-elasticity make another smoothed classifier (and other radii)."""
     recorded, now = metadata.get("sigma"), model.hparams.sigma
-    same = type(model.sigma).without_runtime_options  # e.g. knn_backend: how sigma(x) is computed, not which one
-    if recorded is not None and _canonical(same(recorded)) != _canonical(same(now)):
+    if recorded is not None and \
+            _canonical(comparable_sigma(recorded, model.sigma)) != _canonical(comparable_sigma(now, model.sigma)):
         raise UsageError(f"{path}: its sigma hyper-parameters ({now}) differ from the sigma it recorded at save time "
                          f"({recorded}); the file was edited: use the checkpoint `fit` wrote")
     cls = f"{type(model.sigma).__module__}.{type(model.sigma).__qualname__}"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["dataset_fingerprint", "sha256_hex", "state_dict_sha256"]
+__all__ = ["dataset_fingerprint", "fingerprint_in_background", "sha256_hex", "state_dict_sha256"]
 
 _ROWS = 4096  # rows hashed per block: bounded memory for any array
 
@@ -37,6 +39,14 @@ def dataset_fingerprint(inputs, labels=None, *, header=None) -> str:
         labels = labels.detach().to("cpu").numpy() if hasattr(labels, "detach") else np.asarray(labels)
         arrays.append(labels.astype(np.int64))
     return sha256_hex(repr(tuple(inputs.shape)) if header is None else header, *arrays)
+
+
+@contextmanager
+def fingerprint_in_background(inputs):
+    """Yields a function returning ``dataset_fingerprint(inputs)``, hashed in a thread while the block runs
+    (hashlib frees the GIL: the hashing overlaps the work, e.g. KnnSigma's index on a GPU)."""
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(dataset_fingerprint, inputs).result
 
 
 def sha256_hex(header: str, *arrays) -> str:

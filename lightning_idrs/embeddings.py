@@ -22,8 +22,8 @@ from torch import nn
 from lightning_idrs.configurable import Configurable
 from lightning_idrs.arguments import PositiveFloat, PositiveInt, check
 
-__all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embed", "embedding_lipschitz", "rate_for",
-           "semi_elasticity_for"]
+__all__ = ["Embedding", "OrthonormalProjection", "PCAProjection", "embed", "embed_training", "embedding_lipschitz",
+           "rate_for", "semi_elasticity_for"]
 
 
 def embedding_lipschitz(embedding, declared=None, required=False):
@@ -59,6 +59,25 @@ def embed(embedding, x: torch.Tensor) -> torch.Tensor:
             if was_training:
                 embedding.train()
     return out.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def embed_training(embedding, train: torch.Tensor, host: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """phi(train) as float32 [n, D'] on the CPU, ``batch_size`` inputs at a time (``host``: train as float32
+    on the CPU; phi None, the flatten, is then a view of it: fl32(float64(x)) is x); ValueError if not finite."""
+    n = len(train)
+    if embedding is None:
+        if train.dtype == torch.float64 and not torch.isfinite(host).all():
+            raise ValueError("embedding(train) contains NaN or inf values (beyond float32's range)")
+        return host.reshape(n, -1)
+    emb = None
+    for i in range(0, n, batch_size):
+        block = embed(embedding, train[i:i + batch_size]).to("cpu", torch.float32)
+        if emb is None:
+            emb = torch.empty((n, block.shape[1]), dtype=torch.float32)
+        emb[i:i + len(block)] = block
+    if not torch.isfinite(emb).all():
+        raise ValueError("embedding(train) contains NaN or inf values")
+    return emb
 
 
 def rate_for(r: float, lip: float) -> float:

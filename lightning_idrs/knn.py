@@ -9,7 +9,7 @@ many duplicates) are redone by a float64 scan over all points, whose own ranking
 way (else every distance of that row is computed). So the answer is always the k smallest float64
 distances over all points: which search proposed the candidates changes the speed, never the result.
 
-The searches (``backend``, ``KnnSigma(knn_backend=...)``):
+The searches (``backend``, ``KnnSigma(knn_backend=...)``; ``lightning_idrs.knn_search``):
 
 * ``faiss``: an exact ``IndexFlatL2`` (never ``index_factory``, which some faiss wheels cannot run);
   on a CUDA device faiss' ``GpuIndexFlatL2`` when a GPU build of faiss is installed, else the CPU index;
@@ -25,40 +25,26 @@ centred on their float64 mean mu (better float32 ranking), mu computed on the CP
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import sys
-from contextlib import contextmanager
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from lightning_idrs.arguments import UsageError, one_line
+from lightning_idrs.arguments import UsageError
+from lightning_idrs.knn_search import (BACKENDS, BLOCK, GPU_SLACK, U32, U64, FaissSearch, KnnBackend, TorchSearch,
+                                       blocked_topk, bound, check_backend, choose, faiss_build, faiss_errors,
+                                       faiss_failure, faiss_has_gpu, faiss_owners, ieee_float32_matmul, import_faiss)
 
-__all__ = ["BACKENDS", "KnnBackend", "KnnIndex", "faiss_build", "faiss_failure", "faiss_has_gpu", "faiss_owners",
-           "ieee_float32_matmul", "import_faiss"]
+__all__ = ["BACKENDS", "KnnBackend", "KnnIndex", "check_backend", "choose", "faiss_build", "faiss_failure",
+           "faiss_has_gpu", "faiss_owners", "ieee_float32_matmul", "import_faiss"]
 
 log = logging.getLogger(__name__)
 
-KnnBackend = Literal["auto", "faiss", "torch"]
-BACKENDS = ("auto", "faiss", "torch")
-FAISS_WHEELS = ("faiss-cpu", "faiss-cuda", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cuvs", "faiss")
-
-_U32 = 2.0 ** -24  # float32 unit roundoff
-_U64 = 2.0 ** -53  # float64 unit roundoff
-_GPU_SLACK = 2.0 ** -9  # faiss' GPU index may run TF32 GEMMs (10-bit mantissa)
 _GPU_MAX_K = 2048  # faiss GPU k-selection limit
-_ROWS = 8192  # rows centred / normed per block
-#: float64 elements per re-ranking chunk, float32 (or float64) distances per block of a scan
-_CHUNK = {"cpu": 2 ** 22, "cuda": 2 ** 26}
-_BLOCK = {"cpu": 2 ** 22, "cuda": 2 ** 27}
-#: what to do when faiss fails: the same line for every command
-FAISS_FIX = ("reinstall the kNN backend for this machine (pip install 'lightning_idrs[cpu]', or "
-             "'lightning_idrs[gpu]' on a CUDA 13 GPU machine; one of them, never both), or search without faiss: "
-             "knn_backend torch (fit: --model.sigma.knn_backend torch; certify: --certify.knn_backend torch)")
-
+_ROWS = 8192  # rows normed per block
+_CHUNK = {"cpu": 2 ** 22, "cuda": 2 ** 26}  # float64 elements per re-ranking chunk
 _said = set()  # log lines said once per process
 
 
@@ -66,197 +52,6 @@ def _say_once(level: int, message: str) -> None:
     if message not in _said:
         _said.add(message)
         log.log(level, message)
-
-
-# ---------------------------------------------------------------------------------- faiss, its build, its errors
-@functools.lru_cache(maxsize=1)
-def _installed_owners() -> tuple:
-    from importlib import metadata
-
-    def installed(name):
-        try:
-            metadata.version(name)
-            return True
-        except metadata.PackageNotFoundError:
-            return False
-
-    owners = metadata.packages_distributions().get("faiss", [])  # reads every distribution: once per process
-    return tuple(sorted(set(owners) | {name for name in FAISS_WHEELS if installed(name)}))
-
-
-def faiss_owners() -> list:
-    """The installed distributions that provide the top-level ``faiss`` module."""
-    return list(_installed_owners())
-
-
-def faiss_build() -> str:
-    """The installed faiss in words, e.g. ``faiss-cpu 1.15.1, faiss 1.15.1, CPU build``; never raises
-    (and never imports faiss: it describes a faiss that may have just failed)."""
-    from importlib import metadata
-
-    parts = []
-    try:
-        owners = faiss_owners()
-        parts.append(", ".join(f"{name} {metadata.version(name)}" for name in owners) or "no faiss package installed")
-    except Exception:  # a broken metadata entry must not hide the real error
-        owners = []
-    module = sys.modules.get("faiss")
-    if module is not None and hasattr(module, "__version__"):
-        parts.append(f"faiss {module.__version__}")
-        gpu = hasattr(module, "StandardGpuResources")
-    else:
-        gpu = any(name != "faiss-cpu" and name != "faiss" for name in owners) if owners else None
-    if gpu is not None:
-        parts.append("GPU build" if gpu else "CPU build")
-    return ", ".join(parts)
-
-
-def faiss_failure(error: BaseException, doing: str) -> UsageError:
-    """The one line for an exception raised by faiss while ``doing`` (e.g. "searching the CPU index")."""
-    return UsageError(f"faiss failed {doing}: {type(error).__name__}: {one_line(error)[:300]} ({faiss_build()}); "
-                      f"fix: {FAISS_FIX}")
-
-
-@contextmanager
-def _faiss_errors(doing: str):
-    """Any exception of faiss inside becomes :func:`faiss_failure`'s UsageError."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except Exception as error:  # SWIG turns C++ exceptions into RuntimeError; wheels raise anything at load
-        raise faiss_failure(error, doing) from None
-
-
-def import_faiss():
-    """The faiss module; it comes from an extra (one of two wheels), so its absence or a failing import is a
-    set-up error (UsageError naming the fix)."""
-    try:
-        import faiss
-    except ModuleNotFoundError as error:
-        if error.name not in (None, "faiss"):  # faiss is there, a library it needs is not
-            raise faiss_failure(error, "to import") from None
-        raise UsageError(f"faiss is not installed ({error}); install the kNN backend: pip install "
-                         "'lightning_idrs[cpu]', or 'lightning_idrs[gpu]' on a CUDA 13 GPU machine; or search "
-                         "without faiss: knn_backend torch (fit: --model.sigma.knn_backend torch; certify: "
-                         "--certify.knn_backend torch)") from None
-    except Exception as error:  # a broken wheel: missing CUDA libraries, a symbol mismatch, ...
-        raise faiss_failure(error, "to import") from None
-    return faiss
-
-
-def faiss_has_gpu() -> bool:
-    """Whether the installed faiss is a GPU build that sees at least one GPU."""
-    faiss = import_faiss()
-    with _faiss_errors("to count the GPUs"):
-        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-# ---------------------------------------------------------------------------------- float32 matrix products
-def _precision_flags():
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch 2.9+: one setting per backend
-        flags = [(matmul, "fp32_precision")]
-        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-        if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
-            flags.append((mkldnn, "fp32_precision"))
-        return flags
-    return None
-
-
-@contextmanager
-def ieee_float32_matmul():
-    """float32 matrix products in IEEE float32 inside (no TF32 or bf16 shortcuts on CUDA or oneDNN), the
-    settings restored after: the torch search's rounding bound assumes float32 arithmetic."""
-    flags = _precision_flags()
-    if flags is None:  # torch < 2.9: the one global setting
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
-    saved = [getattr(owner, name) for owner, name in flags]
-    for owner, name in flags:
-        setattr(owner, name, "ieee")
-    try:
-        yield
-    finally:
-        for (owner, name), value in zip(flags, saved):
-            setattr(owner, name, value)
-
-
-def _bound(d: int, unit: float) -> float:
-    """c with |computed squared distance - exact| <= c (||q||^2 + ||x_i||^2) for ||q||^2 + ||x||^2 - 2 q.x
-    (or sum (q - x)^2) evaluated in arithmetic of unit roundoff ``unit``, the query rounded to it too
-    (Higham's gamma_n; any summation order)."""
-    nu = (d + 4) * unit
-    if nu >= 0.5:
-        return math.inf
-    return 2 * nu / (1 - nu) + 4 * unit
-
-
-def _blocked_topk(q, xb, x_sq, q_sq, kc: int, budget: int):
-    """The ``kc`` smallest of ``q_sq + x_sq - 2 q xb^T`` (in q's dtype; xb converted block by block) and their
-    row ids, over blocks of at most ``budget`` distances: (dist2 [b, kc], ids [b, kc] int64)."""
-    b, n = q.shape[0], xb.shape[0]
-    cols = max(kc, budget // max(1, b))
-    if xb.dtype != q.dtype:  # each block of points is converted: bound that copy too
-        cols = max(kc, min(cols, budget // max(1, xb.shape[1])))
-    best_d = best_i = None
-    for j in range(0, n, cols):
-        block = xb[j:j + cols].to(q.dtype)
-        d2 = torch.addmm(x_sq[j:j + cols].to(q.dtype), q, block.T, alpha=-2).add_(q_sq[:, None])
-        kept = 0 if best_d is None else best_d.shape[1]
-        if kept:
-            d2 = torch.cat([best_d, d2], 1)
-        best_d, pos = d2.topk(min(kc, d2.shape[1]), dim=1, largest=False)
-        fresh = pos - kept + j
-        best_i = fresh if not kept else torch.where(pos < kept, best_i.gather(1, pos.clamp(max=kept - 1)), fresh)
-    return best_d, best_i
-
-
-# ---------------------------------------------------------------------------------- the searches
-class _FaissSearch:
-    """A faiss index (CPU, or GPU with ``resources``); candidates are re-ranked on ``device``."""
-
-    def __init__(self, index, device, slack: float, where: str, resources=None):
-        self.index, self.device, self.slack, self.where, self.resources = index, device, slack, where, resources
-
-    def __call__(self, q, kc):
-        queries = np.ascontiguousarray(q.to("cpu", torch.float32).numpy())
-        with _faiss_errors(f"searching {self.where}"):
-            dist2, ids = self.index.search(queries, kc)
-        return torch.from_numpy(dist2).to(self.device), torch.from_numpy(ids).to(self.device)
-
-
-class _TorchSearch:
-    """Blocked IEEE float32 matrix products and top-k on ``device`` (no faiss)."""
-
-    def __init__(self, xb, x_sq, device, slack: float):
-        self.xb, self.x_sq, self.device, self.slack = xb, x_sq.to(torch.float32), device, slack
-
-    def __call__(self, q, kc):
-        with ieee_float32_matmul():
-            return _blocked_topk(q.to(torch.float32), self.xb, self.x_sq, (q * q).sum(1).to(torch.float32), kc,
-                                 _BLOCK[self.device.type])
-
-
-def choose(backend: str, device_type: str, faiss_gpu: bool, exact: bool = True) -> str:
-    """Which search runs for queries on ``device_type``: ``"faiss"`` (the CPU index), ``"faiss-gpu"`` or
-    ``"torch"``; ``faiss_gpu``: whether faiss' GPU index works there."""
-    if backend not in BACKENDS:
-        raise ValueError(f"knn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if not exact:  # an approximate factory string: only faiss has it
-        return "faiss-gpu" if device_type == "cuda" and faiss_gpu else "faiss"
-    if backend == "torch":
-        return "torch"
-    if device_type != "cuda":
-        return "faiss"
-    if faiss_gpu:
-        return "faiss-gpu"
-    return "faiss" if backend == "faiss" else "torch"
 
 
 # ---------------------------------------------------------------------------------- the index
@@ -276,16 +71,14 @@ class KnnIndex:
         self.n, self.d = points.shape
         self.factory = factory
         self.exact = factory.strip() == "Flat"
-        if backend == "torch" and not self.exact:
-            raise ValueError(f"knn_backend 'torch' searches exactly; index_factory {factory!r} is a faiss index: use "
-                             "index_factory 'Flat' or knn_backend 'faiss'")
+        check_backend(backend, factory)
         device = torch.device("cpu" if device is None else device)
         # mu on the CPU (NumPy, in row order): the fixed set {mu + c_i} is the same whichever device searches
         self.mu = torch.from_numpy(points.mean(0, dtype=np.float64))
         self._xb, self._sq = {}, {}  # device -> centred float32 points, their float64 squared norms
         self._searches = {}  # (device, kind) -> search
         self._faiss = None  # the CPU faiss index
-        self._faiss_gpu = {}  # cuda device -> _FaissSearch, or the reason it cannot be built
+        self._faiss_gpu = {}  # cuda device -> FaissSearch, or the reason it cannot be built
         home = device if device.type == "cuda" else torch.device("cpu")
         self._xb[home], self._sq[home] = self._centre(points, home)
         self.max_sq_norm = float(self._sq[home].max())
@@ -331,7 +124,7 @@ class KnnIndex:
             return self._faiss
         faiss = import_faiss()
         xb = np.ascontiguousarray(self.xb.numpy())
-        with _faiss_errors(f"building the CPU index {self.factory!r}"):
+        with faiss_errors(f"building the CPU index {self.factory!r}"):
             if self.exact:
                 index = faiss.IndexFlatL2(self.d)  # not index_factory: pip's faiss-cuda 1.14.1 raises std::bad_cast there
             else:
@@ -356,7 +149,7 @@ class KnnIndex:
                     raise
                 self._faiss_gpu[device] = f"{error}"
         found = self._faiss_gpu[device]
-        if isinstance(found, _FaissSearch):
+        if isinstance(found, FaissSearch):
             return found
         if found is None and required:  # a CPU build, or a GPU build that sees no GPU
             build = "the installed faiss is a CPU build" if faiss_build().endswith("CPU build") \
@@ -373,12 +166,12 @@ class KnnIndex:
 
     def _build_gpu(self, device):
         faiss = import_faiss()
-        with _faiss_errors("to count the GPUs"):
+        with faiss_errors("to count the GPUs"):
             if not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
                 return None
         dev = device.index if device.index is not None else torch.cuda.current_device()
         where = f"faiss' GPU index on cuda:{dev}"
-        with _faiss_errors(f"building {where}"):
+        with faiss_errors(f"building {where}"):
             resources = faiss.StandardGpuResources()
             if self.exact:
                 config = faiss.GpuIndexFlatConfig()
@@ -387,7 +180,7 @@ class KnnIndex:
                 index.add(np.ascontiguousarray(self.xb.numpy()))
             else:
                 index = faiss.index_cpu_to_gpu(resources, dev, self._build_faiss())
-        search = _FaissSearch(index, torch.device("cuda", dev), _bound(self.d, _U32) + _GPU_SLACK, where, resources)
+        search = FaissSearch(index, torch.device("cuda", dev), bound(self.d, U32) + GPU_SLACK, where, resources)
         search(self._points(search.device)[:1].double(), min(self.n, 2))  # a faiss that cannot search fails now
         return search
 
@@ -413,10 +206,10 @@ class KnnIndex:
         if key not in self._searches:
             if kind == "faiss":
                 self._build_faiss()
-                search = _FaissSearch(self._faiss, where, _bound(self.d, _U32), "the CPU index")
+                search = FaissSearch(self._faiss, where, bound(self.d, U32), "the CPU index")
                 search(self._points(where)[:1].double(), min(self.n, 2))  # a faiss that cannot search fails now
             else:
-                search = _TorchSearch(self._points(where), self._squared_norms(where), where, _bound(self.d, _U32))
+                search = TorchSearch(self._points(where), self._squared_norms(where), where, bound(self.d, U32))
             self._searches[key] = search
         return self._searches[key]
 
@@ -429,13 +222,19 @@ class KnnIndex:
         q = queries.to(torch.float64) - self.mu.to(queries.device)
         return self._neighbour_distance(q, None, k, margin, statistic, backend).to(queries.device)
 
-    def training_neighbour_distance(self, rows: torch.Tensor, k: int, margin: int, device,
-                                    statistic: str = "mean", backend: str = "auto") -> torch.Tensor:
-        """As :meth:`neighbour_distance` for stored points ``rows``, each excluded from its own neighbours (by index)."""
+    def training_neighbour_distance(self, rows: torch.Tensor, k: int, margin: int, device, statistic: str = "mean",
+                                    backend: str = "auto", batch: int = 2048) -> torch.Tensor:
+        """As :meth:`neighbour_distance` for stored points ``rows`` (None: all), each excluded from its own
+        neighbours (by index), ``batch`` rows per search, on ``device``."""
         search = self._search(device, backend, min(self.n, k + 1 + margin))
-        rows = rows.to(search.device)
-        q = self._points(search.device).index_select(0, rows).double()
-        return self._neighbour_distance(q, rows, k, margin, statistic, backend, search).to(device)
+        rows = torch.arange(self.n, device=search.device) if rows is None else rows.to(search.device)
+        xb = self._points(search.device)
+        out = torch.empty(len(rows), dtype=torch.float64, device=search.device)
+        for i in range(0, len(rows), batch):
+            part = rows[i:i + batch]
+            out[i:i + batch] = self._neighbour_distance(xb.index_select(0, part).double(), part, k, margin, statistic,
+                                                        backend, search)
+        return out.to(device)
 
     # ------------------------------------------------------------------------------ core
     @torch.no_grad()
@@ -470,7 +269,7 @@ class KnnIndex:
         the float64 re-computation of that exact distance (the norm of the difference: relative error below
         (d + 4) 2^-53) from falling below the k-th computed one: the result is the k smallest float64 distances
         over all points, whichever search proposed the candidates."""
-        eps = 4 * (self.d + 4) * _U64
+        eps = 4 * (self.d + 4) * U64
         floor = dist2.max(1).values.double() - slack * ((q * q).sum(1) + self.max_sq_norm)
         return (floor >= nearest[:, -1] ** 2 * (1 + eps)) & (ids >= 0).all(1)
 
@@ -501,11 +300,11 @@ class KnnIndex:
         where the search's ranking can't be proven. Its own float64 ranking is proven like the search's;
         rows where even that fails (many points at one distance) get every distance computed."""
         kc = min(self.n, k + (exclude is not None) + margin)
-        dist2, ids = _blocked_topk(q, xb, self._squared_norms(q.device), (q * q).sum(1), kc, _BLOCK[q.device.type])
+        dist2, ids = blocked_topk(q, xb, self._squared_norms(q.device), (q * q).sum(1), kc, BLOCK[q.device.type])
         nearest = self._candidate_dist(q, xb, ids, exclude).topk(k, dim=1, largest=False).values
         if kc == self.n:
             return nearest
-        redo = (~self._proven(q, dist2, ids, nearest, _bound(self.d, _U64))).nonzero().squeeze(1)
+        redo = (~self._proven(q, dist2, ids, nearest, bound(self.d, U64))).nonzero().squeeze(1)
         if len(redo):
             every = torch.arange(self.n, device=q.device).expand(len(redo), -1)
             nearest[redo] = self._candidate_dist(q[redo], xb, every, None if exclude is None else exclude[redo]) \

@@ -10,7 +10,6 @@ docs/extending.md says what an implementation must guarantee and shows one.
 """
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Optional
 
 import numpy as np
@@ -18,9 +17,9 @@ import torch
 from torch import nn
 
 from lightning_idrs.configurable import Configurable, config_of
-from lightning_idrs.digests import dataset_fingerprint, state_dict_sha256
-from lightning_idrs.embeddings import Embedding, embed, embedding_lipschitz, rate_for, semi_elasticity_for
-from lightning_idrs.knn import BACKENDS, KnnBackend, KnnIndex
+from lightning_idrs.digests import dataset_fingerprint, fingerprint_in_background, state_dict_sha256
+from lightning_idrs.embeddings import Embedding, embed, embed_training, embedding_lipschitz, rate_for, semi_elasticity_for
+from lightning_idrs.knn import KnnBackend, KnnIndex, check_backend
 from lightning_idrs.arguments import FiniteFloat, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check
 
 __all__ = ["Sigma", "ConstantSigma", "KnnSigma", "dataset_fingerprint"]
@@ -61,18 +60,7 @@ class Sigma(Configurable, nn.Module):
     #: log_error's default: one float32 rounding (2^-24 relative) plus a margin for float64 arithmetic
     DEFAULT_LOG_ERROR = 2.0**-24 * (1 + 2.0**-20) + 2.0**-40
 
-    #: constructor arguments that choose how sigma(x) is computed, never which function it is (KnnSigma:
-    #: ``knn_backend``): a checkpoint's recorded sigma and a certify folder's settings are compared without
-    #: them, and ``certify --certify.knn_backend`` may change them.
-    RUNTIME_OPTIONS: tuple = ()
-
-    @classmethod
-    def without_runtime_options(cls, config):
-        """``config`` (``{"class_path", "init_args"}``) without :attr:`RUNTIME_OPTIONS` in its init_args."""
-        if not cls.RUNTIME_OPTIONS or not isinstance(config, dict) or not isinstance(config.get("init_args"), dict):
-            return config
-        init_args = {k: v for k, v in config["init_args"].items() if k not in cls.RUNTIME_OPTIONS}
-        return {**config, "init_args": init_args}
+    RUNTIME_OPTIONS: tuple = ()  #: init args choosing how sigma(x) is computed, not which (checkpoint.comparable_sigma)
 
     def fit(self, train: torch.Tensor) -> "Sigma":
         return self
@@ -160,18 +148,11 @@ class KnnSigma(Sigma):
         batch_size: queries per search, bounds memory for any B.
         statistic: ``mean`` (the paper's d_k: the mean distance to the k nearest) or ``kth`` (the
             distance to the k-th nearest); both are 1-Lipschitz, so the certificate is the same.
-        knn_backend: the search that proposes the candidates: ``faiss``, ``torch`` (blocked float32
-            matrix products on the module's device, no faiss needed) or ``auto`` (faiss' GPU index when it
-            works, else torch on a CUDA device; faiss on the CPU). Not part of sigma(x): every backend
-            gives the same d_k up to float64 rounding (bit-identical on the CPU), so it is not in the state
-            and a checkpoint's sigma is compared without it (``RUNTIME_OPTIONS``).
+        knn_backend: the kNN search: ``auto`` (faiss' GPU index if it works, else torch on CUDA), faiss, torch.
 
     State: ``state_dict()`` carries sigma_b, r, k, m, Lip declaration, the index type, the training
     set fingerprint (extra state) and phi's parameters (submodule); never the training data. After
     loading, call ``fit(train)`` again: m is kept, and a different ``train`` raises ValueError.
-
-    Devices: ``fit`` builds the index and the training sigmas on the module's device (``.to("cuda")`` first
-    for the GPU); queries are answered on their own device.
 
     Training noise: ``training_sigma(x, idx)`` returns sigma for training point ``idx`` with the point
     itself excluded (by index, so duplicates still count), cached once per fit. It depends only on the
@@ -186,6 +167,8 @@ class KnnSigma(Sigma):
     """
 
     RUNTIME_OPTIONS = ("knn_backend",)
+    knn_backend = property(lambda self: self._knn_backend, lambda self, value: setattr(
+        self, "_knn_backend", check_backend(value, self.index_factory)), doc="the kNN search; may change any time")
 
     def __init__(self, sigma_base: PositiveFloat = 0.25, semi_elasticity: NonNegativeFloat = 0.1,
                  k: PositiveInt = 20, m: Optional[FiniteFloat] = None, embedding: Optional[Embedding] = None, *,
@@ -221,20 +204,6 @@ class KnnSigma(Sigma):
         self.register_load_state_dict_post_hook(KnnSigma._after_load)
 
     # ----------------------------------------------------------------------------- interface
-    @property
-    def knn_backend(self) -> str:
-        """The search that proposes the candidates (auto, faiss, torch); may change at any time."""
-        return self._knn_backend
-
-    @knn_backend.setter
-    def knn_backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"knn_backend must be one of {', '.join(BACKENDS)}, got {value!r}")
-        if value == "torch" and self.index_factory.strip() != "Flat":
-            raise ValueError(f"knn_backend 'torch' searches exactly; index_factory {self.index_factory!r} is a faiss "
-                             "index: use index_factory 'Flat', or knn_backend 'faiss'")
-        self._knn_backend = value
-
     @property
     def is_fitted(self):
         return self._index is not None and self.m is not None
@@ -282,32 +251,29 @@ class KnnSigma(Sigma):
         """Build the exact index over phi(train) ([n, ...]); set m if None; returns self.
 
         An embedding with a ``fit`` method (e.g. ``PCAProjection``) is fitted on ``train`` first unless it
-        already is (``is_fitted``). The index is built for the module's device (move the module first:
-        ``sigma.to("cuda").fit(train)``); the self-excluded training sigmas (a kNN search for every training
-        point) are computed now, on that device, when m is None or ``cache_training``, else on the first
-        ``training_sigma`` call (certifying a loaded model never pays for them).
+        already is (``is_fitted``). Index and self-excluded training sigmas (a kNN search per training point) are
+        built on the module's device (``KnnSigma(...).to("cuda").fit(train)``), the sigmas now when m is None or
+        ``cache_training``, else at the first ``training_sigma`` (certifying a loaded model never pays for them).
         """
         train = _as_batch(train, "train")
         n = len(train)
         if self.k >= n:
             raise ValueError(f"k must be smaller than the number of training points (each point is excluded "
                              f"from its own neighbours), got k={self.k} with {n} training points")
-        device = self._train_dist.device
         host = train.detach().to("cpu").float()  # the fingerprint and mu are taken on the CPU, on any device
-        with ThreadPoolExecutor(1) as pool:  # hashing (hashlib frees the GIL) runs while the index is built
-            hashing = pool.submit(dataset_fingerprint, host)
-            if self.fingerprint is not None:  # a loaded sigma: refuse other data before anything changes
-                self._check_fingerprint(hashing.result())
+        with fingerprint_in_background(host) as fingerprint:
+            if self.fingerprint is not None and fingerprint() != self.fingerprint:  # before anything changes
+                raise ValueError(f"training set fingerprint {fingerprint()[:16]}... does not match the fingerprint "
+                                 f"{self.fingerprint[:16]}... this sigma was fitted/saved with: refusing to build a "
+                                 "different sigma(x)")
             if hasattr(self.embedding, "fit") and not getattr(self.embedding, "is_fitted", True):
                 self.embedding.fit(train)
             self.rate  # refuse now an embedding that declares no Lipschitz constant (r > 0)
-            points = self._embedded(train, host)
-            index = KnnIndex(points, self.index_factory, self.knn_backend, device)
-            fingerprint = hashing.result()
-        self._check_fingerprint(fingerprint)
+            points = embed_training(self.embedding, train, host, self.batch_size)
+            index = KnnIndex(points, self.index_factory, self.knn_backend, self._train_dist.device)
         self._index = index
         self._input_features = math.prod(train.shape[1:])
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint()
         self._fitted_with = self._index_key()
         self._train_dist = torch.empty(0, dtype=torch.float64, device=self._train_dist.device)
         if cache_training or self.m is None:
@@ -315,29 +281,6 @@ class KnnSigma(Sigma):
         if self.m is None:
             self.m = float(self._train_dist.mean())
         return self
-
-    def _check_fingerprint(self, fingerprint):
-        if self.fingerprint is not None and fingerprint != self.fingerprint:
-            raise ValueError(f"training set fingerprint {fingerprint[:16]}... does not match the fingerprint "
-                             f"{self.fingerprint[:16]}... this sigma was fitted/saved with: refusing to build a "
-                             "different sigma(x)")
-
-    def _embedded(self, train, host) -> torch.Tensor:
-        """phi(train) as float32 [n, D'] on the CPU (``host``: train there, as float32)."""
-        n = len(train)
-        if self.embedding is None:  # flatten: fl32(float64(x)) is x itself, no copy needed
-            if train.dtype == torch.float64 and not torch.isfinite(host).all():
-                raise ValueError("embedding(train) contains NaN or inf values (beyond float32's range)")
-            return host.reshape(n, -1)
-        emb = None
-        for i in range(0, n, self.batch_size):
-            block = embed(self.embedding, train[i:i + self.batch_size]).to("cpu", torch.float32)
-            if emb is None:
-                emb = torch.empty((n, block.shape[1]), dtype=torch.float32)
-            emb[i:i + len(block)] = block
-        if not torch.isfinite(emb).all():
-            raise ValueError("embedding(train) contains NaN or inf values")
-        return emb
 
     def forward(self, x):
         """sigma(x) for a batch [B, ...]: float32 [B] on x's device (computed in float64, then rounded)."""
@@ -380,7 +323,7 @@ class KnnSigma(Sigma):
             if not torch.isfinite(q).all():
                 raise ValueError("embedding(x) contains NaN or inf values")
             out[i:i + len(q)] = self._index.neighbour_distance(q, self.k, self.candidate_margin, self.statistic,
-                                                               self.knn_backend).to(x.device)
+                                                               self.knn_backend)
         return out
 
     def sigma_from_distance(self, dist):
@@ -404,12 +347,8 @@ class KnnSigma(Sigma):
     def _cache_training(self):
         """d_k of every training point, itself excluded; searched on the module's device."""
         index, device = self._index, self._train_dist.device
-        dist = torch.empty(index.n, dtype=torch.float64, device=device)
-        for i in range(0, index.n, self.batch_size):
-            rows = torch.arange(i, min(i + self.batch_size, index.n), device=device)
-            dist[i:i + len(rows)] = index.training_neighbour_distance(rows, self.k, self.candidate_margin, device,
-                                                                      self.statistic, self.knn_backend)
-        self._train_dist = dist
+        self._train_dist = index.training_neighbour_distance(None, self.k, self.candidate_margin, device,
+                                                             self.statistic, self.knn_backend, self.batch_size)
 
     def _require_fitted(self):
         if not self.is_fitted:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_idrs import KnnSigma, knn
+from lightning_idrs import KnnSigma, knn, knn_search
 from lightning_idrs.arguments import UsageError
 from lightning_idrs.commands import doctor, main
 from lightning_idrs.knn import KnnIndex, choose, faiss_has_gpu, ieee_float32_matmul
@@ -173,7 +173,7 @@ def test_the_torch_search_is_blocked_and_its_distances_within_the_float32_bound(
     rng = np.random.default_rng(3)
     points = (rng.normal(size=(3000, 40)) + 5).astype(np.float32)
     index = KnnIndex(points, backend="torch")
-    monkeypatch.setitem(knn._BLOCK, "cpu", 2 ** 12)  # 64 queries: blocks of 64 points, 47 of them merged
+    monkeypatch.setitem(knn_search.BLOCK, "cpu", 2 ** 12)  # 64 queries: blocks of 64 points, 47 of them merged
     search = index._search(torch.device("cpu"), "torch", 20)
     q = torch.from_numpy(rng.normal(size=(64, 40)) + 5) - index.mu
     dist2, ids = search(q, 20)
@@ -230,7 +230,7 @@ def test_a_cuda_query_with_cpu_faiss_searches_on_the_cpu_and_says_so_once(monkey
                      f"{knn.faiss_build().split('faiss-cpu ')[1]})"]
 
 
-def test_knn_backend_is_checked_in_python_and_on_the_command_line(tmp_path, capsys):
+def test_knn_backend_is_checked_in_python_and_on_the_command_line(checkpoint, tmp_path, capsys):
     with pytest.raises(ValueError, match="^knn_backend must be one of auto, faiss, torch, got 'gpu'$"):
         KnnSigma(knn_backend="gpu")
     with pytest.raises(ValueError, match="^knn_backend 'torch' searches exactly; index_factory 'IVF4,Flat'"):
@@ -247,8 +247,9 @@ def test_knn_backend_is_checked_in_python_and_on_the_command_line(tmp_path, caps
         "error: --certify.knn_backend must be one of auto, faiss, torch, got gpu"
     import lightning_idrs
 
-    with pytest.raises(UsageError, match="^--certify.knn_backend must be one of auto, faiss, torch, got 'gpu'$"):
-        lightning_idrs.certify("x.ckpt", tmp_path / "o", knn_backend="gpu")
+    with pytest.raises(UsageError, match=f"^cannot use knn_backend='gpu' with the sigma of {checkpoint}: knn_backend "
+                                         "must be one of auto, faiss, torch, got 'gpu'$"):
+        lightning_idrs.certify(str(checkpoint), tmp_path / "o", knn_backend="gpu")
     assert list(tmp_path.iterdir()) == []
 
 
