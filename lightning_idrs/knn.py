@@ -73,6 +73,8 @@ class KnnIndex:
         self.exact = factory.strip() == "Flat"
         check_backend(backend, factory)
         device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         # mu on the CPU (NumPy, in row order): the fixed set {mu + c_i} is the same whichever device searches
         self.mu = torch.from_numpy(points.mean(0, dtype=np.float64))
         self._xb, self._sq = {}, {}  # device -> centred float32 points, their float64 squared norms

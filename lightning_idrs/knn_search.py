@@ -126,36 +126,30 @@ def faiss_has_gpu() -> bool:
 
 
 # ---------------------------------------------------------------------------------- float32 matrix products
-def _precision_flags():
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch 2.9+: one setting per backend
-        flags = [(matmul, "fp32_precision")]
-        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-        if mkldnn is not None and hasattr(mkldnn, "fp32_precision"):
-            flags.append((mkldnn, "fp32_precision"))
-        return flags
-    return None
+def _precision_flags() -> list:
+    """The per-backend float32 matmul settings of torch 2.9+ (none before)."""
+    owners = [torch.backends.cuda.matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)]
+    return [(owner, "fp32_precision") for owner in owners if hasattr(owner, "fp32_precision")]
 
 
 @contextmanager
 def ieee_float32_matmul():
-    """float32 matrix products in IEEE float32 inside (no TF32 or bf16 shortcuts on CUDA or oneDNN), the
-    settings restored after: the torch search's rounding bound assumes float32 arithmetic."""
+    """float32 matrix products in IEEE float32 inside (no TF32 or bf16 shortcuts on CUDA or oneDNN), every
+    setting restored after: the torch search's rounding bound assumes float32 arithmetic. Set through the
+    legacy switch, which sets the per-backend ones too: torch refuses a matmul whose legacy and per-backend
+    settings disagree."""
     flags = _precision_flags()
-    if flags is None:  # torch < 2.9: the one global setting
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
     saved = [getattr(owner, name) for owner, name in flags]
-    for owner, name in flags:
-        setattr(owner, name, "ieee")
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the settings already disagree: keep the per-backend ones
+        legacy = None
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
         for (owner, name), value in zip(flags, saved):
             setattr(owner, name, value)
 

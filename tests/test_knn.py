@@ -184,24 +184,35 @@ def test_the_torch_search_is_blocked_and_its_distances_within_the_float32_bound(
     assert (error <= search.slack * ((q * q).sum(1, keepdim=True) + index.max_sq_norm)).all()
 
 
-def test_ieee_float32_matmul_forces_float32_products_and_restores_every_setting():
+def _precision_state():
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # legacy and per-backend settings disagree
+        legacy = "mixed"
+    return legacy, torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+
+
+@pytest.mark.parametrize("setting", ["default", "high", "medium", "cuda tf32", "mkldnn bf16"])
+def test_ieee_float32_matmul_switches_tf32_and_bf16_off_and_restores_every_setting(setting):
     matmul = torch.backends.cuda.matmul
     if not hasattr(matmul, "fp32_precision"):
-        pytest.skip("torch < 2.9 has one global setting only")
-    saved = (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        pytest.skip("torch < 2.9 has the legacy setting only")
     try:
-        matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+        if setting in ("high", "medium"):  # the legacy switch (Lightning's hint), which sets both backends
+            torch.set_float32_matmul_precision(setting)
+        elif setting == "cuda tf32":
+            matmul.fp32_precision = "tf32"
+        elif setting == "mkldnn bf16":
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        before = _precision_state()
         with ieee_float32_matmul():
-            assert (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
-        assert (matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ("tf32", "bf16")
-        matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
-        torch.set_float32_matmul_precision("high")  # the legacy setting, as Lightning's hint suggests
-        with ieee_float32_matmul():
-            assert matmul.fp32_precision == "ieee"
-        assert torch.get_float32_matmul_precision() == "high"  # restored, and the legacy getter still answers
+            # what a CUDA float32 matmul asks: it raises where the legacy and the per-backend settings disagree
+            assert torch._C._get_cublas_allow_tf32() is False
+            assert _precision_state() == ("highest", "ieee", "ieee")
+        assert _precision_state() == before
     finally:
         torch.set_float32_matmul_precision("highest")
-        matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
+        matmul.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
 # ------------------------------------------------------------------------------------ which search, the option
