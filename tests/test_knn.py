@@ -326,6 +326,24 @@ def test_a_checkpoint_written_before_knn_backend_loads_and_certifies_the_same(ch
     assert all(np.array_equal(old_rows[name], new_rows[name]) for name in ROWS)
 
 
+@pytest.mark.slow
+def test_without_faiss_fit_and_certify_run_with_the_torch_backend_and_certify_as_faiss_does(no_faiss, tmp_path, capsys,
+                                                                                          monkeypatch):
+    root = tmp_path / "fit"
+    assert main([*FIT, "--trainer.default_root_dir", str(root), "--model.sigma.knn_backend", "torch"]) == 0
+    ckpt = next(root.rglob("best-*.ckpt"))
+    flags = ["--ckpt_path", str(ckpt), *SMALL, "--certify.max", "4"]
+    capsys.readouterr()
+    assert main(["certify", *flags, "--certify.out", str(tmp_path / "auto")]) == 0  # the checkpoint says torch
+    assert main(["certify", *flags, "--certify.out", str(tmp_path / "x"), "--certify.knn_backend", "auto"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: faiss is not installed (")
+    assert not (tmp_path / "x").exists()
+    monkeypatch.undo()  # faiss is back: the same checkpoint certified with faiss gives the same rows
+    assert main(["certify", *flags, "--certify.out", str(tmp_path / "faiss"), "--certify.knn_backend", "faiss"]) == 0
+    rows, expected = read_tsv(tmp_path / "auto" / TSV_NAME), read_tsv(tmp_path / "faiss" / TSV_NAME)
+    assert len(rows["idx"]) == 4 and all(np.array_equal(rows[name], expected[name]) for name in ROWS)
+
+
 # ------------------------------------------------------------------------------------ doctor
 def doctor_lines(capsys):
     code = doctor.run([])
