@@ -27,6 +27,7 @@ __all__ = [
     "PositiveFloat",
     "PositiveInt",
     "RadiusList",
+    "Seed",
     "UsageError",
     "check",
     "one_line",
@@ -108,6 +109,14 @@ class NonNegativeInt(_Kind, int):
     accepts = staticmethod(lambda v: v >= 0)
 
 
+class Seed(_Kind, int):
+    """A seed of certification's noise: an integer in [0, 2^32), one 32-bit word of the noise's key
+    (:mod:`lightning_idrs.philox`)."""
+
+    rule = "an integer from 0 to 4294967295 (2^32 - 1)"
+    accepts = staticmethod(lambda v: 0 <= v < 2**32)
+
+
 class FiniteFloat(_Kind, float):
     """A finite real number."""
 
@@ -141,7 +150,7 @@ def _register(kind) -> None:
     register_type(kind, serializer=plain, deserializer=lambda value: plain(kind(value)))
 
 
-for _kind in (PositiveInt, NonNegativeInt, FiniteFloat, PositiveFloat, NonNegativeFloat, OpenUnitInterval):
+for _kind in (PositiveInt, NonNegativeInt, Seed, FiniteFloat, PositiveFloat, NonNegativeFloat, OpenUnitInterval):
     _register(_kind)
 del _kind
 

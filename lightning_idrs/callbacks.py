@@ -12,7 +12,7 @@ from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_g
 from lightning_idrs.metric import ROW_FIELDS, CertifiedAccuracy
 from lightning_idrs.sharding import DEVICE_DEFAULTS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
-from lightning_idrs.arguments import NonNegativeFloat, NonNegativeInt, OpenUnitInterval, PositiveFloat, PositiveInt, check
+from lightning_idrs.arguments import NonNegativeFloat, OpenUnitInterval, PositiveFloat, PositiveInt, Seed, check
 from lightning_idrs.wandb_logging import MONITOR, log_to_loggers
 
 
@@ -77,7 +77,7 @@ class CertificationCallback(Callback):
         radii: Optional[list[NonNegativeFloat]] = None,
         radii_step: PositiveFloat = 0.125,
         radii_max: NonNegativeFloat = 1.0,
-        seed: NonNegativeInt = 0,
+        seed: Seed = 0,
         points_per_chunk: Optional[PositiveInt] = None,
         sequential: bool = False,
         compile: CompileOption = "none",

@@ -18,7 +18,7 @@ import torch
 
 from lightning_idrs.metric import ROW_FIELDS, CertifyRows
 from lightning_idrs.smoothing import BrokenModelError, Certificates, PointNoise, SmoothedClassifier
-from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
+from lightning_idrs.arguments import OpenUnitInterval, PositiveInt, Seed, UsageError, check
 
 __all__ = ["CertifySettings", "CertifiedChunk", "DEVICE_DEFAULTS", "ROW_SETTINGS", "certify_chunks", "certify_sharded",
            "plan_chunks"]
@@ -34,7 +34,7 @@ class CertifySettings:
         alpha: failure probability of each certificate, in (0, 1) (Cohen et al.: 0.001).
         batch_size: noisy samples per forward pass (speed only: the noise of a point does not depend on it);
             default 1,000 on CPU, 16,000 on a CUDA GPU.
-        seed: seed of the noise; a point's noise is a function of (seed, its index in the data set).
+        seed: seed of the noise, in [0, 2^32); a point's noise is a function of (seed, its index in the data set).
         points_per_chunk: points certified together in one vectorised call (speed only); default 10 on
             CPU, 16 on a CUDA GPU.
         sequential: draw the estimation samples in stages and stop each point once its outcome on the
@@ -45,13 +45,13 @@ class CertifySettings:
     n: PositiveInt = 100_000
     alpha: OpenUnitInterval = 0.001
     batch_size: Optional[PositiveInt] = None
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     points_per_chunk: Optional[PositiveInt] = None
     sequential: bool = False
 
     def __post_init__(self):
         for name, kind in (("n0", PositiveInt), ("n", PositiveInt), ("alpha", OpenUnitInterval),
-                           ("batch_size", PositiveInt), ("seed", NonNegativeInt), ("points_per_chunk", PositiveInt)):
+                           ("batch_size", PositiveInt), ("seed", Seed), ("points_per_chunk", PositiveInt)):
             if getattr(self, name) is not None or name not in ("batch_size", "points_per_chunk"):
                 setattr(self, name, check(kind, getattr(self, name), name))
         if not isinstance(self.sequential, bool):

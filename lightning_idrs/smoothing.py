@@ -5,7 +5,8 @@ of its noise samples (docs/math.md). With a constant sigma this is Cohen et al.'
 
 * :func:`add_noise` draws x + sigma(x) * eps: the noise of training and validation.
 * :class:`PointNoise`: certification's noise, a function of (seed, the point's index in the data set)
-  only, so the rows of a data set do not depend on which points share a batch, a chunk or a process.
+  only, so the rows of a data set do not depend on which points share a batch, a chunk or a process
+  (counter-based: :mod:`lightning_idrs.philox`).
 * :class:`SmoothedClassifier` runs CERTIFY / PREDICT on a batch of inputs at once.
 * :func:`use_channels_last` stores a convolutional base classifier's weights channels-last, the
   layout in which its forward passes run fastest on CPU (benchmarks/README.md).
@@ -23,12 +24,14 @@ import torch
 from scipy import stats
 from torch import nn
 
+from lightning_idrs import philox
+from lightning_idrs.philox import WORD
 from lightning_idrs.radius import certified_radius
 from lightning_idrs.statistics import ABSTAIN
-from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check
+from lightning_idrs.arguments import OpenUnitInterval, PositiveInt, Seed, UsageError, check
 
 
-__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "NOISE_BLOCK", "NOISE_VERSION", "PROJECTION_LEVEL",
+__all__ = ["ABSTAIN", "BrokenModelError", "Certificates", "NOISE_VERSION", "PROJECTION_LEVEL",
            "PointNoise", "SmoothedClassifier", "add_noise",
            "clopper_pearson_lower", "clopper_pearson_upper", "sequential_schedule", "use_channels_last"]
 
@@ -49,26 +52,27 @@ def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Ge
 
 #: Name of the way :class:`PointNoise` derives the noise; recorded with the rows (a folder written
 #: with another version cannot be extended: its rows came from other noise).
-NOISE_VERSION = "point-seeded-v2"
-#: Noise samples drawn from one seeded generator: block b of phase p of a point is seeded from
-#: (seed, point, p) and b, whatever the forward batch size.
-NOISE_BLOCK = 1000
+NOISE_VERSION = "point-philox-v3"
 
 
 class PointNoise:
-    """The noise of certification: input i's samples come from its own streams, keyed by ``keys[i]``
-    (its index in the data set) and ``seed``, so they are the same however the inputs are batched.
+    """The noise of certification: input i's samples are a function of (``seed``, ``keys[i]``, the sampling
+    phase, the sample's index in the phase) only, so they are the same however the inputs are batched.
 
-    Each sampling phase of an input (selection, estimation, or a stage of sequential estimation) is
-    cut into blocks of :data:`NOISE_BLOCK` samples; block b is drawn by a generator seeded with the
-    b-th state of ``numpy.random.SeedSequence([seed, key, phase])`` (independent streams).
+    ``keys[i]`` is input i's index in the data set; a phase is selection (0), estimation (1) or stage k
+    of sequential estimation (2 + k). Every value comes from its own Philox4x32-10 call, key (index,
+    seed) and counter (coordinate pair, sample, phase, 0) (:mod:`lightning_idrs.philox`): different
+    (seed, index, phase, sample) never share a stream, by construction (docs/math.md, "The noise").
+    The seed, the indices, the phases and the samples per phase must each be below 2^32.
     """
 
     def __init__(self, seed: int, keys):
-        self.seed = check(NonNegativeInt, seed, "seed")
-        self.keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-        if (self.keys < 0).any():
-            raise ValueError("PointNoise keys must be >= 0 (indices in the data set)")
+        self.seed = check(Seed, seed, "seed")
+        keys = np.asarray(keys).reshape(-1)
+        if keys.size and (keys.dtype.kind not in "iu" or keys.min() < 0 or keys.max() >= WORD):
+            raise ValueError(f"PointNoise keys must be indices in the data set, integers in [0, 2^32); got "
+                             f"{keys.min()!r} to {keys.max()!r}")
+        self.keys = keys.astype(np.int64)
 
     def subset(self, rows) -> "PointNoise":
         return PointNoise(self.seed, self.keys[np.asarray(rows)])
@@ -78,27 +82,16 @@ class PointNoise:
         batches of ``batch_size``; eps [batch, *x.shape[1:]] is the standard normal noise."""
         if len(self.keys) != len(x):
             raise ValueError(f"PointNoise has {len(self.keys)} keys for {len(x)} inputs")
-        generator, block, cached = torch.Generator(device=x.device), None, None
-        seeds = {}
+        if not 0 <= phase < WORD or not 0 <= num <= WORD or math.prod(x.shape[1:]) > 2 * WORD:
+            raise ValueError(f"PointNoise draws at most 2^32 samples of at most 2^33 values in each of 2^32 phases; "
+                             f"asked for {num} samples of {math.prod(x.shape[1:])} values in phase {phase}")
+        keys = torch.as_tensor(self.keys, device=x.device)
         total = len(x) * num
         for start in range(0, total, batch_size):
-            end, pieces, pos = min(start + batch_size, total), [], start
-            while pos < end:
-                i, j = divmod(pos, num)
-                b, offset = divmod(j, NOISE_BLOCK)
-                if block != (i, b):
-                    if i not in seeds:
-                        seeds = {i: np.random.SeedSequence([self.seed, int(self.keys[i]), phase]).generate_state(
-                            -(-num // NOISE_BLOCK), np.uint64) >> np.uint64(1)}
-                    generator.manual_seed(int(seeds[i][b]))
-                    size = min(NOISE_BLOCK, num - b * NOISE_BLOCK)
-                    block, cached = (i, b), torch.randn((size, *x.shape[1:]), generator=generator,
-                                                        device=x.device, dtype=x.dtype)
-                take = min(end - pos, len(cached) - offset)
-                pieces.append(cached[offset:offset + take])
-                pos += take
-            owner = torch.arange(start, end, device=x.device) // num
-            yield owner, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            position = torch.arange(start, min(start + batch_size, total), device=x.device)
+            owner = position // num
+            eps = philox.normals(self.seed, keys[owner], phase, position - owner * num, x.shape[1:], x.dtype)
+            yield owner, eps
 
 
 def use_channels_last(model: nn.Module, input_shape, device) -> bool:

@@ -49,11 +49,12 @@ def test_a_folder_of_the_old_noise_scheme_is_refused(checkpoint, tmp_path, capsy
     out = tmp_path / "old"
     assert main(["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), "--certify.max", "2"]) == 0
     settings = json.loads((out / SETTINGS_NAME).read_text())
-    (out / SETTINGS_NAME).write_text(json.dumps({**settings, "noise": "chunk-seeded-v1"}))
+    assert settings["noise"] == "point-philox-v3"
+    (out / SETTINGS_NAME).write_text(json.dumps({**settings, "noise": "point-seeded-v2"}))  # the version before
     before = (out / TSV_NAME).read_bytes()
     assert main(["--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out), "--certify.max", "4"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"error: {out} holds rows of the noise version 'chunk-seeded-v1'")
+    assert err.strip().splitlines()[-1].startswith(f"error: {out} holds rows of the noise version 'point-seeded-v2'")
     assert "use another --certify.out" in err and (out / TSV_NAME).read_bytes() == before
 
 

@@ -130,6 +130,9 @@ def test_a_sigma_function_with_bad_values_is_one_line(value, checkpoint, tmp_pat
                                 "got []"),
     (["--certify.precision", "16-mixed", "--certify.accelerator", "cpu"],
      "error: --certify.precision 16-mixed needs a CUDA GPU (on CPU Lightning runs bf16 instead)"),
+    (["--certify.seed", "4294967296"], "error: --certify.seed must be an integer from 0 to 4294967295 (2^32 - 1), "
+                                       "got 4294967296"),
+    (["--certify.seed", "-1"], "error: --certify.seed must be an integer from 0 to 4294967295 (2^32 - 1), got -1"),
 ])
 def test_bad_values_are_one_line(flags, start, checkpoint, tmp_path, capsys):
     one_line(capsys, args(checkpoint, tmp_path / "o", *flags), start)
