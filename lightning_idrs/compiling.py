@@ -22,9 +22,10 @@ checkpoints hold the model's own keys (no ``_orig_mod.`` prefix).
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Literal, Optional
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 from lightning_idrs.arguments import UsageError, one_line
 
 __all__ = ["COMPILE_MODES", "CompileError", "CompileMode", "CompileOption", "CompiledModel", "check_compiler",
-           "compile_for_certification", "resolve_mode", "torch_options"]
+           "compile_for_certification", "quiet_autotuning", "resolve_mode", "torch_options"]
 
 COMPILE_MODES = ("none", "default", "max-autotune")
 CompileMode = Literal["none", "default", "max-autotune"]
@@ -58,6 +59,26 @@ def resolve_mode(option: str, device) -> str:
 def torch_options(mode: str) -> dict:
     """The keyword arguments of torch.compile for ``mode`` (tests swap the backend here)."""
     return {"mode": TORCH_MODES[mode]}
+
+
+@contextmanager
+def quiet_autotuning():
+    """Keep max-autotune's reports off the output while a model compiles: inductor writes a table of timings
+    for every kernel it tunes, and logs with a traceback every candidate kernel that fails to build (e.g. a
+    Triton configuration needing more shared memory than the GPU has), although it only drops that candidate
+    (seen on an H200: hundreds of lines before certify's first point). Real compiler failures still raise."""
+    from torch._inductor import config
+
+    quiet = {key: value for key, value in (("autotune_num_choices_displayed", 0),
+                                           ("max_autotune_report_choices_stats", False)) if hasattr(config, key)}
+    logger = logging.getLogger("torch._inductor.select_algorithm")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with config.patch(quiet):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _reason(error: BaseException) -> str:
@@ -87,6 +108,7 @@ class CompiledModel(nn.Module):
         if mode not in TORCH_MODES:
             raise ValueError(f"mode must be one of {', '.join(TORCH_MODES)}, got {mode!r}")
         self.mode, self.fix, self.batch_size = mode, fix, batch_size
+        self._compiled_once = False  # the first call compiles (quietly, see quiet_autotuning)
         self.compiled = torch.compile(model, dynamic=False if batch_size else None, **torch_options(mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +122,10 @@ class CompiledModel(nn.Module):
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self.compiled(x)
+            with nullcontext() if self._compiled_once else quiet_autotuning():
+                logits = self.compiled(x)
+            self._compiled_once = True
+            return logits
         except Exception as error:
             from torch._dynamo.exc import TorchDynamoException
 

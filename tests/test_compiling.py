@@ -225,3 +225,29 @@ def test_a_compiled_bf16_fit_writes_a_checkpoint_that_certify_loads(tmp_path):
     assert any(key.startswith("model.") for key in keys) and not any("_orig_mod" in key for key in keys)
     result = lightning_idrs.certify(path, tmp_path / "certify", max=3, **QUIET)
     assert result.summary["num_points"] == 3 and "compile" not in result.summary
+
+
+def test_the_first_compiled_call_keeps_autotuning_reports_quiet_and_restores_them(counted, monkeypatch):
+    """max-autotune's timing tables and its logged failing candidates flooded certify's output on an H200:
+    the first (compiling) call runs with them off, and inductor's settings are restored afterwards."""
+    import logging
+
+    from torch._inductor import config
+
+    seen = []
+    before = (config.autotune_num_choices_displayed, config.max_autotune_report_choices_stats,
+              logging.getLogger("torch._inductor.select_algorithm").level)
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append((config.autotune_num_choices_displayed, config.max_autotune_report_choices_stats,
+                         logging.getLogger("torch._inductor.select_algorithm").level))
+            return x.flatten(1)[:, :3]
+
+    model = CompiledModel(Spy(), "max-autotune", "--certify.compile none", batch_size=4)
+    model(torch.ones(4, 5))  # the compiling call
+    model(torch.ones(4, 5))  # already compiled: nothing patched
+    assert seen[0] == (0, False, logging.CRITICAL)
+    after = (config.autotune_num_choices_displayed, config.max_autotune_report_choices_stats,
+             logging.getLogger("torch._inductor.select_algorithm").level)
+    assert after == before
