@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules: one trained digits checkpoint for the whole session, and a
-model registered for one test at a time; tests marked ``gpu`` are skipped where torch sees no CUDA."""
+model registered for one test at a time; tests marked ``gpu`` are skipped where torch sees no CUDA,
+and every other test runs on the CPU even where a GPU is visible (``cpu_unless_marked_gpu``)."""
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """The tests not marked ``gpu`` state what happens on a CPU (its defaults: 1,000 samples per pass, no
+    compilation, CPU rows): where a GPU is visible they still run on the CPU, in this process (torch and
+    Lightning see no CUDA device) and in the processes they start (CUDA_VISIBLE_DEVICES is empty). The
+    ``gpu`` tests (``pytest -m gpu``) are the ones that use the GPU. Nothing changes on a machine without one."""
+    if request.node.get_closest_marker("gpu") is not None or not torch.cuda.is_available():
+        return
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
-    """One IDRS digits checkpoint of the default config (sigma knn, r = 0.2), trained 2 epochs, no logger.
-    Tests read it or copy it; none may change the file."""
+    """One IDRS digits checkpoint of the default config (sigma knn, r = 0.2), trained 2 epochs on the CPU, no
+    logger. Tests read it or copy it; none may change the file."""
     root = tmp_path_factory.mktemp("fit")
     cli = cli_main(["fit", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root),
-                    "--trainer.logger", "false", *QUIET])
+                    "--trainer.accelerator", "cpu", "--trainer.logger", "false", *QUIET])
     return Path(cli.trainer.checkpoint_callback.best_model_path)
 
 
