@@ -34,17 +34,19 @@ def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
     logged = [r for r in rows if r.get("monitor/acr")]
     assert len(logged) == 2, "one certification per epoch (every_n_epochs=1)"
     assert [float(r["epoch"]) for r in logged] == [0, 1]
+    assert all(r.get("val/noisy_acc") for r in logged), "the Callback's scalars are in the validation row"
     assert not any(k.startswith("certify/") for k in rows[0]), "monitoring keys are not the reported certify/ keys"
     last = {k: float(v) for k, v in logged[-1].items() if v and k.startswith("monitor/")}
-    curve = [last[f"monitor/acc@{r:g}"] for r in (0.0, 0.1, 0.2, 0.3)]
+    curve = [last[f"monitor/acc_R{r:g}".replace(".", "p")] for r in (0.0, 0.1, 0.2, 0.3)]
     assert all(a >= b for a, b in zip(curve, curve[1:])) and 0 <= curve[-1] <= curve[0] <= 1
     assert curve[0] > 0.5, "a trained smoothed classifier certifies most points at radius 0"
     assert last["monitor/num_points"] == 40 and 0 <= last["monitor/abstain_rate"] <= 1
     assert last["monitor/mean_sigma"] > 0 and last["monitor/acr"] > 0
     assert not any("class_" in k and "worst" not in k and "gap" not in k for k in last), "no per-class keys"
-    for r in (0.0, 0.1, 0.2, 0.3):  # fairness: the worst class is at most the mean, the gap within [0, 1]
-        assert 0 <= last[f"monitor/worst_class_acc@{r:g}"] <= last[f"monitor/acc@{r:g}"] + 1e-9
-        assert 0 <= last[f"monitor/class_gap@{r:g}"] <= 1
+    assert {k.rsplit("_R", 1)[1] for k in last if "_R" in k} == {"0", "0p1", "0p2", "0p3"}, "the report grid only"
+    for r in ("0", "0p1", "0p2", "0p3"):  # fairness: the worst class is at most the mean, the gap within [0, 1]
+        assert 0 <= last[f"monitor/worst_class_acc_R{r}"] <= last[f"monitor/acc_R{r}"] + 1e-9
+        assert 0 <= last[f"monitor/class_gap_R{r}"] <= 1
     # the curve as a PNG inside the run directory
     pngs = list((tmp_path).rglob("certified_accuracy_epoch*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
