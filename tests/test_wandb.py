@@ -20,6 +20,7 @@ CALLBACKS = {"trainer": {"callbacks": [
     {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",  # val/loss falls: its largest is epoch 0's
      "init_args": {"monitor": "val/loss", "mode": "max", "filename": "best-{epoch:02d}"}},
     {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"filename": "last"}},
+    {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"},  # a key of a user's, outside our prefixes
     {"class_path": "lightning_idrs.callbacks.CertificationCallback",
      "init_args": {"every_n_epochs": 1, "num_points": 30, "n0": 8, "n": 48, "radii": [0.0, 0.2, 0.4]}}]}}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -146,6 +147,7 @@ def test_every_key_of_every_run_has_exactly_one_x_axis(trained, certified, teste
         _one_axis_each(run)
     axes = {m.glob_name or m.name: m.step_metric for m in fit.metrics}
     assert axes["monitor/*"] == axes["val/*"] == "epoch" and axes["train/*"] == "trainer/global_step"
+    assert "lr-Adam" in fit.history_keys() and axes["lr-Adam"] == "trainer/global_step", "a user's key: the step"
     assert set(AXES) == {g[:-1] for g in axes if g.endswith("*")}
 
 
