@@ -63,11 +63,12 @@ def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypa
     tables = sorted(runs[0].rglob("curve_table_*.table.json"), key=lambda p: int(p.name.split("_")[2]))
     assert len(tables) == 2, "the certified-accuracy wandb.Table must be in the offline run, once per certification"
     table = json.loads(tables[-1].read_text())  # the last one holds every epoch's curve
-    assert table["columns"] == ["epoch", "radius", "certified_accuracy", "split", "n", "num_points"]
-    assert [row[0] for row in table["data"]] == [0] * 4 + [1] * 4
+    assert table["columns"] == ["epoch", "radius", "certified_accuracy", "split", "n", "num_points", "line"]
+    grid = sorted({0.0, 0.1, 0.2, 0.3} | {k * 0.125 for k in range(9)})  # the report grid in the curve's grid
+    assert [row[0] for row in table["data"]] == [0] * len(grid) + [1] * len(grid)
     for epoch in (0, 1):
         rows = [row for row in table["data"] if row[0] == epoch]
-        assert [row[1] for row in rows] == [0.0, 0.1, 0.2, 0.3] and {(r[3], r[4], r[5]) for r in rows} == {("val", 64, 40)}
+        assert [row[1] for row in rows] == grid and {(r[3], r[4], r[5]) for r in rows} == {("val", 64, 40)}
         accuracy = np.array([row[2] for row in rows])
         assert np.all((accuracy >= 0) & (accuracy <= 1)) and np.all(np.diff(accuracy) <= 0)
 
