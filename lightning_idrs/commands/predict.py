@@ -26,7 +26,7 @@ def build_parser():
 
     parser = ArgumentParser(prog="python -m lightning_idrs predict", default_env=False, exit_on_error=False,
                             description=DESCRIPTION)
-    parser.add_argument("inputs", nargs="*", help="image or .npy files to predict (none: the split's points).")
+    parser.add_argument("inputs", nargs="*", default=[], help="image or .npy files to predict (none: the split's points).")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="checkpoint written by `fit`.")
     parser.add_argument("--data.root", type=Optional[str], default=None, help="the data root, if not the checkpoint's.")
     parser.add_class_arguments(PredictOptions, "predict", fail_untyped=True)
