@@ -21,7 +21,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from lightning_idrs.arguments import NonNegativeInt, OpenUnitInterval, PositiveInt, UsageError, check, one_line
+from lightning_idrs.arguments import OpenUnitInterval, PositiveInt, Seed, UsageError, check, one_line
 
 __all__ = ["IMAGE_SUFFIXES", "PredictOptions", "predict", "read_inputs"]
 
@@ -39,7 +39,7 @@ class PredictOptions:
         alpha: the test's level: a class is returned only when it is the smoothed classifier's with
             probability >= 1 - alpha; otherwise the row says -1 (abstain).
         batch_size: noisy samples per forward pass.
-        seed: the noise seed.
+        seed: the noise seed, in [0, 2^32).
         skip: predict every skip-th point of the split.
         max: predict at most this many points of the split (None: all).
         out: the TSV written (default: predict/<checkpoint name>-<digest>_<split, or files>_n<n>.tsv).
@@ -50,7 +50,7 @@ class PredictOptions:
     n: PositiveInt = 100_000
     alpha: OpenUnitInterval = 0.001
     batch_size: PositiveInt = 1000
-    seed: NonNegativeInt = 0
+    seed: Seed = 0
     skip: PositiveInt = 1
     max: Optional[PositiveInt] = None
     out: Optional[str] = None
@@ -58,7 +58,7 @@ class PredictOptions:
 
     def __post_init__(self):
         for name, kind in (("n", PositiveInt), ("alpha", OpenUnitInterval), ("batch_size", PositiveInt),
-                           ("seed", NonNegativeInt), ("skip", PositiveInt)):
+                           ("seed", Seed), ("skip", PositiveInt)):
             setattr(self, name, check(kind, getattr(self, name), name))
         if self.max is not None:
             self.max = check(PositiveInt, self.max, "max")

@@ -80,6 +80,8 @@ def test_predict_refuses_bad_files_with_one_line_and_writes_nothing(checkpoint, 
 def test_predict_refuses_bad_options_and_documents_itself(checkpoint, tmp_path, capsys):
     assert main(["predict", "--ckpt_path", str(checkpoint), "--predict.n", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --predict.n must be an integer >= 1, got 0"
+    assert main(["predict", "--ckpt_path", str(checkpoint), "--predict.seed", str(2**32)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --predict.seed must be an integer from 0 to 4294967295 (2^32 - 1), got {2**32}"
     assert main(["predict"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --ckpt_path is required")
     assert main(["predict", "--help"]) == 0
