@@ -13,10 +13,12 @@ The public API, by concept (one module each; docs/layout.md says where to change
   ``CertificationCallback`` (``lightning_idrs.callbacks``)
 * the certify job as a function (the ``certify`` command's power): ``certify`` -> ``CertifyResult``
                                                                            -- ``lightning_idrs.certification``
+  and PREDICT with abstention on a split or on files: ``predict``         -- ``lightning_idrs.prediction``
 * checkpoints: ``load_checkpoint``                                         -- ``lightning_idrs.checkpoint``
 * results: ``certified_accuracy``, ``summarize`` (NumPy, ``lightning_idrs.statistics``),
   ``CertifiedAccuracy`` (torchmetrics, ``lightning_idrs.metric``), ``CertifyLog`` / ``read_tsv``
-  (the per-point TSV, ``lightning_idrs.tsv_log``), plots and W&B (``lightning_idrs.reporting``)
+  (the per-point TSV, ``lightning_idrs.tsv_log``), plots and W&B (``lightning_idrs.reporting``), tables
+  (Markdown / LaTeX, ``lightning_idrs.results_table.results_table``)
 
 Names are imported lazily, so ``from lightning_idrs import certified_radius`` does not pull in torch.
 """
@@ -41,6 +43,7 @@ _EXPORTS = {
     "certify": "certification",
     "CertifyOptions": "certification",
     "CertifyResult": "certification",
+    "predict": "prediction",
     "PointNoise": "smoothing",
     "IDRSClassifier": "module",
     "DigitsDataModule": "data",

@@ -8,7 +8,8 @@ import torch
 from pytorch_lightning import Callback
 
 from lightning_idrs.compiling import CompileOption, check_compiler, compile_for_certification, resolve_mode
-from lightning_idrs.reporting import ReportOptions, curve, plot_curves, radius_grid, scalars
+from lightning_idrs.reporting import (DEFAULT_REPORT_RADII, ReportOptions, curve, plot_curves, radius_grid, report_radii,
+                                      scalars)
 from lightning_idrs.metric import ROW_FIELDS, CertifiedAccuracy
 from lightning_idrs.sharding import DEVICE_DEFAULTS, CertifySettings, certify_sharded, plan_chunks
 from lightning_idrs.smoothing import SmoothedClassifier
@@ -45,10 +46,11 @@ class CertificationCallback(Callback):
     shared out over the ranks and the rows gathered after each round, as in the command, and summarised
     by :class:`lightning_idrs.metric.CertifiedAccuracy`. What is
     logged is the command's, under monitoring keys ``monitor/...`` (a validation subset at small n,
-    never mixed with ``certify``'s reported ``certify/...``): the scalars to every logger (and to
-    ``trainer.callback_metrics``, e.g. for ModelCheckpoint), a PNG of the curve in the run directory,
-    and with a W&B logger, at one step, the growing curve table (one line per epoch), the class-wise
-    table, the sigma(x) histogram and the PNG (:func:`lightning_idrs.wandb_logging.log_to_loggers`).
+    never mixed with ``certify``'s reported ``certify/...``): the scalars on the report grid, logged
+    like the validation metrics (in the same row, at the same epoch and step, to every logger, and in
+    ``trainer.callback_metrics``, e.g. ``monitor/acc_R0p5`` for ModelCheckpoint), a PNG of the curve in the
+    run directory, and with a W&B logger, in that row, the growing curve table (one line per epoch), the
+    class-wise table, the sigma(x) histogram and the PNG (:func:`lightning_idrs.wandb_logging.log_to_loggers`).
     It certifies on the training device, in the trainer's precision (e.g. ``bf16-mixed`` autocasts the
     base classifier, as ``--certify.precision bf16-mixed`` does).
 
@@ -57,8 +59,10 @@ class CertificationCallback(Callback):
         num_points: validation points certified (class-stratified, fixed for the run).
         n0, n, alpha, batch_size, points_per_chunk: CERTIFY's settings (small n for monitoring); batch_size
             and points_per_chunk default to 1,024 and 10 on CPU, 16,000 and 16 on a CUDA GPU.
-        radii: the reported radius grid (default 0, 0.125, ..., radii_max).
-        radii_step, radii_max: the grid when ``radii`` is not given.
+        radii: the report grid: the scalar keys and the grid sequential certification decides on
+            (default: the data module's ``report_radii``).
+        radii_step, radii_max: the curve's grid 0, radii_step, ..., radii_max (plus the report grid; sequential:
+            the report grid only, where the stopping rule decided).
         seed: seed of the subset and of the noise.
         sequential: stop each point's sampling once its outcome on the radius grid is decided.
         compile: none (default: monitoring's small n rarely repays a compilation), auto, default or
@@ -87,7 +91,9 @@ class CertificationCallback(Callback):
         self.num_points = check(PositiveInt, num_points, "num_points")
         self.settings = CertifySettings(n0=n0, n=n, alpha=alpha, batch_size=batch_size, seed=seed,
                                         points_per_chunk=points_per_chunk, sequential=sequential)
-        self.radii = radius_grid(ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max))
+        self.options = ReportOptions(radii=radii, radii_step=radii_step, radii_max=radii_max)
+        self.report = report_radii(self.options)  # the data module's grid once known (setup)
+        self.radii = radius_grid(self.options, report=self.report)
         resolve_mode(compile, "cpu")  # a bad value is refused here
         self.compile = compile
         self._compiled: Optional[tuple] = None  # (the model compiled, its compiled wrapper)
@@ -104,6 +110,8 @@ class CertificationCallback(Callback):
         self._num_classes = datamodule.num_classes
         device = trainer.strategy.root_device  # where it will certify (the model may not be there yet)
         check_compiler(device, resolve_mode(self.compile, device), _FIX)  # a missing compiler: before the first epoch
+        self.report = report_radii(self.options, getattr(datamodule, "report_radii", DEFAULT_REPORT_RADII))
+        self.radii = self.report if self.settings.sequential else radius_grid(self.options, report=self.report)
 
     def _due(self, trainer) -> bool:
         epoch = trainer.current_epoch + 1
@@ -114,7 +122,8 @@ class CertificationCallback(Callback):
         if trainer.sanity_checking or self._indices is None or not self._due(trainer):
             return
         summary, sigmas = self._certify(trainer, pl_module)
-        pl_module.log_dict(scalars(summary, MONITOR), sync_dist=False, logger=False)  # loggers: at one step below
+        summary["report_radii"] = self.report.tolist()
+        pl_module.log_dict(scalars(summary, MONITOR), sync_dist=False)  # in the validation row: same epoch and step
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "certify"  # collective under DDP
         if trainer.is_global_zero:
             self._report(trainer, summary, sigmas, folder)
@@ -129,7 +138,7 @@ class CertificationCallback(Callback):
         dataset = trainer.datamodule.split_dataset("val")
         accuracy = CertifiedAccuracy(self.radii, self._num_classes, sync_on_compute=False)  # rows come gathered
         for rows in certify_sharded(smoothed, dataset, chunks, settings, pl_module.device,
-                                    trainer.global_rank, trainer.world_size, self.radii):
+                                    trainer.global_rank, trainer.world_size, self.report):
             accuracy.update(rows)
         return accuracy.compute(), accuracy.gathered()[:, ROW_FIELDS.index("sigma")]
 

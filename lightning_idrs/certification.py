@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import numpy as np
 
@@ -44,7 +44,8 @@ class CertifyOptions(ReportOptions, CertifySettings):
         skip: certify every skip-th point of the split.
         max: certify at most this many points (None: all); may be raised on a rerun to extend it.
         out: output folder (default: certify/<checkpoint name>-<digest>_<split>_n<n>, one per checkpoint).
-        compare: another run's certify.tsv to overlay in the plot (e.g. RS vs IDRS).
+        compare: other runs' certify.tsv (or their folders), one or a list, to overlay in the plot and the
+            W&B chart (e.g. RS vs IDRS).
         accelerator: auto, cpu or gpu (Lightning Fabric).
         devices: processes (GPUs) per node; the points are shared out over all of them.
         num_nodes: nodes (with torchrun or SLURM, which start the processes).
@@ -62,7 +63,7 @@ class CertifyOptions(ReportOptions, CertifySettings):
     skip: PositiveInt = 1
     max: Optional[PositiveInt] = None
     out: Optional[str] = None
-    compare: Optional[str] = None
+    compare: Optional[Union[str, list[str]]] = None
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
     num_nodes: PositiveInt = 1
@@ -170,7 +171,7 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
     that determines the rows."""
     from lightning_idrs.checkpoint import comparable_sigma, load_checkpoint
     from lightning_idrs.compiling import compile_for_certification
-    from lightning_idrs.reporting import radius_grid
+    from lightning_idrs.reporting import decision_grid
     from lightning_idrs.smoothing import NOISE_VERSION, use_channels_last
 
     device = fabric.device
@@ -198,7 +199,7 @@ def prepare(ckpt_path: str, data, data_root, opts: CertifyOptions, fabric):
         **{name: getattr(opts, name) for name in ROW_SETTINGS},
     }
     if opts.sequential:  # the grid decides when a point stops: it is part of what determines the rows
-        settings["radii"] = radius_grid(opts).tolist()
+        settings["radii"] = decision_grid(opts).tolist()
     return loaded, dataset, selected, settings, base
 
 
@@ -229,7 +230,8 @@ def _certify_launched(fabric, ckpt_path, data, data_root, opts, wandb_opts, comp
         start = time.perf_counter()
         new = certify_points(fabric, log, smoothed, dataset, todo, len(selected), opts, settings.get("radii"))
         elapsed = time.perf_counter() - start
-        status = _summarize(log, out, settings, selected, opts, ckpt_path, model, fabric) if rank0 else None
+        status = (_summarize(log, out, settings, selected, opts, ckpt_path, model, fabric, loaded.datamodule) if rank0
+                  else None)
     from lightning_idrs.launching import collective
 
     with collective("sharing the summary"):
@@ -238,8 +240,7 @@ def _certify_launched(fabric, ckpt_path, data, data_root, opts, wandb_opts, comp
         raise UsageError(status[1])
     columns, summary = status[1], status[2]
     if rank0:
-        checkpoint = {"path": str(ckpt_path), "sha256": loaded.sha256,
-                      "config": {"model": dict(model.hparams), "lightning_idrs": loaded.metadata}}
+        checkpoint = {"path": str(ckpt_path), "sha256": loaded.sha256, "hparams": dict(model.hparams)}
         png = _report(out, summary, columns, compare, wandb_opts, settings, checkpoint)
         _print_summary(out, summary, new, elapsed, png)
     return CertifyResult(out, columns, summary)
@@ -327,20 +328,22 @@ def certify_points(fabric, log, smoothed, dataset, todo: list, total: int, opts:
     return written
 
 
-def _summarize(log, out, settings, selected, opts, ckpt_path, model, fabric):
+def _summarize(log, out, settings, selected, opts, ckpt_path, model, fabric, datamodule):
     """("ok", columns, summary) of exactly the selected points, or ("error", line)."""
-    from lightning_idrs.reporting import radius_grid
+    from lightning_idrs.reporting import DEFAULT_REPORT_RADII, decision_grid, merge_grids, radius_grid, report_radii
 
+    report = report_radii(opts, getattr(datamodule, "report_radii", DEFAULT_REPORT_RADII))
     try:
-        columns = log.columns(only=selected)
-        grid = radius_grid(opts, columns["radius"])
+        columns = log.columns(only=selected)  # sequential: the curve only where the stopping rule decided
+        grid = (merge_grids(decision_grid(opts), report) if opts.sequential
+                else radius_grid(opts, columns["radius"], report))
         stats = log.summarize(grid, model.hparams.num_classes, only=selected)
     except ValueError as error:
         return "error", one_line(error)
     summary = {**settings, "checkpoint": ckpt_path, "sigma_label": model.sigma.label, "skip": opts.skip, "max": opts.max,
                "batch_size": opts.batch_size, "points_per_chunk": opts.points_per_chunk,
                "device": fabric.device.type, "processes": fabric.world_size, "num_selected": int(len(selected)),
-               **stats}
+               "report_radii": report.tolist(), **stats}
     return "ok", columns, summary
 
 
@@ -355,9 +358,9 @@ def _report(out: Path, summary: dict, columns: dict, compare, wandb_opts: WandbO
         keep_run_files_under(out, wandb=False)
         write_summary(out / SUMMARY_NAME, summary)
         curves = {summary["sigma_label"]: curve(summary)}
-        if compare is not None:
-            label = compare[0] if compare[0] not in curves else f"{compare[0]} [compare]"
-            curves[label] = (np.asarray(summary["radii"]), curve_from_tsv_columns(compare[1], summary["radii"]))
+        for label, columns_ in compare:  # labels are unique among themselves; not always against this run's
+            label = label if label not in curves else f"{label} [compare]"
+            curves[label] = (np.asarray(summary["radii"]), curve_from_tsv_columns(columns_, summary["radii"]))
         title = f"{summary['dataset']} {summary['split']}: n={summary['n']}, alpha={summary['alpha']:g}"
         png = plot_curves(curves, out / PLOT_NAME, title=title)
     except OSError as error:
@@ -375,12 +378,11 @@ def _print_summary(out: Path, summary: dict, new: int, elapsed: float, png: Path
     from lightning_idrs.reporting import SUMMARY_NAME
     from lightning_idrs.tsv_log import TSV_NAME
 
-    accuracy = summary["certified_accuracy"]
-    shown = [k for k in accuracy if float(k) % 0.25 < 1e-9]  # the default grid: every 0.25
-    if not shown or len(accuracy) <= 12:  # a grid of the user's: all of it, or an even spread
-        shown = list(accuracy)[:: max(1, -(-len(accuracy) // 12))]
+    from lightning_idrs.statistics import radius_key
+
+    accuracy, shown = summary["certified_accuracy"], [radius_key(r) for r in summary["report_radii"]]  # the report grid
     print(f"certified {new} new point(s) in {elapsed:.1f} s; {summary['num_points']} in {out / TSV_NAME}")
-    print("certified accuracy: " + ", ".join(f"R={k}: {accuracy[k]:.3f}" for k in shown[:12]))
+    print("certified accuracy: " + ", ".join(f"R={k}: {accuracy[k]:.3f}" for k in shown))
     print(f"ACR {summary['acr']:.4f}, abstain rate {summary['abstain_rate']:.3f}, "
           f"smoothed clean accuracy {summary['clean_accuracy']:.3f}; estimation samples {summary['total_samples']:,} "
           f"({summary['mean_samples']:,.0f} per point)")

@@ -7,8 +7,8 @@ added in pixel space as in Cohen et al. (2019).
 
 Common interface (relied on by training, the kNN sigma and certification):
 
-* class attributes, available before ``setup``: ``name``, ``input_shape`` (C, H, W),
-  ``num_classes``, ``mean`` and ``std`` (per-channel tuples for the model's Normalize layer);
+* class attributes, available before ``setup``: ``name``, ``input_shape`` (C, H, W), ``num_classes``, ``mean``
+  and ``std`` (per channel, for the model's Normalize layer), ``report_radii`` (the scalars' radii, the report grid);
 * ``setup(stage)`` is idempotent and loads every split (train / val / test) at once;
 * ``train_dataloader()`` yields ``(x, y, idx)`` where ``idx`` (int64) is each example's
   position in the training set; ``val_dataloader()`` / ``test_dataloader()`` yield ``(x, y)``;
@@ -90,6 +90,7 @@ class IDRSDataModule(pl.LightningDataModule):
     num_classes: int = 10
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    report_radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0)  # sigma_b <= 1: radii <= ~4
 
     def __init__(self, batch_size: PositiveInt = 128, num_workers: NonNegativeInt = 0, seed: NonNegativeInt = 0) -> None:
         super().__init__()
@@ -197,6 +198,7 @@ class DigitsDataModule(IDRSDataModule):
     name = "digits"
     input_shape = (1, 8, 8)
     num_classes = 10
+    report_radii = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # radii at sigma_b 0.25 reach ~1.8 (N = 64, r = 0.2)
     mean = (0.3053,)
     std = (0.3760,)
     _scale = 16.0

@@ -11,7 +11,8 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-__all__ = ["SUMMARY_NAME", "fsync_dir", "json_ready", "read_summary", "write_json_atomic", "write_summary"]
+__all__ = ["SUMMARY_NAME", "fsync_dir", "json_ready", "read_summary", "write_json_atomic", "write_summary",
+           "write_text_atomic"]
 
 SUMMARY_NAME = "summary.json"
 PathLike = Union[str, os.PathLike]
@@ -52,9 +53,13 @@ def json_ready(obj: Any):
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    write_text_atomic(path, json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

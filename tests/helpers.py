@@ -1,7 +1,11 @@
 """What several test modules share (no test module imports another): paths and environments for
 subprocesses, the small certify settings, row comparison, launcher environments and SLURM-style tasks,
 waiting for processes started side by side, a callback that kills a fit at an exact point, fake data
-sets and a model that cannot run channels-last."""
+sets, a model that cannot run channels-last, and offline W&B runs read as W&B reads them (records, config,
+history, metric definitions, artifacts)."""
+import base64
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -13,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from pytorch_lightning import Callback
 from torch import nn
 from wandb.proto import wandb_internal_pb2
@@ -149,6 +154,19 @@ class ViewCNN(nn.Module):
         return self.fc(features.view(features.shape[0], -1))
 
 
+class ConstantNet(nn.Module):
+    """Logits that ignore the input (a linear layer of it times 0, plus a bias favouring class 0): a smoothed
+    classifier that is certain everywhere, so its radii are as large as n and alpha allow (sigma Phi^-1(...))."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(int(np.prod(input_shape)), num_classes)
+        self.register_buffer("prior", torch.arange(num_classes, 0, -1, dtype=torch.float32))
+
+    def forward(self, x):
+        return 0.0 * self.fc(x.flatten(1)) + self.prior
+
+
 def records(path):
     """The records of a W&B transaction log (LevelDB log format: 32 KiB blocks of CRC, length, type, data)."""
     data, block = Path(path).read_bytes(), 32768
@@ -195,3 +213,76 @@ def differing_rows(a, b) -> int:
     gap = np.abs(a.rows["p_a_lower"] - b.rows["p_a_lower"])
     assert np.all(gap[differ & same_prediction] <= 0.05), gap[differ]
     return int(differ.sum())
+
+
+# ------------------------------------------------------------------------------ offline W&B runs, as W&B reads them
+def _items(items) -> dict:
+    return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items}
+
+
+def _nested(items, out=None) -> dict:
+    """Config updates into ``out``; a nested key (``_wandb`` / ``visualize`` / chart) sets one leaf."""
+    out = {} if out is None else out
+    for i in items:
+        *parents, last = list(i.nested_key) or [i.key]
+        place = out
+        for key in parents:
+            place = place.setdefault(key, {})
+        place[last] = json.loads(i.value_json)
+    return out
+
+
+class WandbRun:
+    """One offline run folder, as records by kind: run, config, summary, history rows, metric definitions,
+    artifacts."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.records = finished_run_records(self.folder)
+        self.run = next(r.run for r in self.records if r.WhichOneof("record_type") == "run")
+        self.config, self.summary, self.history, self.metrics, self.artifacts = {}, {}, [], [], []
+        for record in self.records:
+            kind = record.WhichOneof("record_type")
+            if kind == "config":
+                _nested(record.config.update, self.config)
+            elif kind == "summary":
+                self.summary.update(_items(record.summary.update))
+            elif kind == "history":
+                self.history.append(_items(record.history.item))
+            elif kind == "metric":
+                self.metrics.append(record.metric)
+            elif kind == "artifact":
+                self.artifacts.append(record.artifact)
+        self.config = {**_nested(self.run.config.update), **self.config}
+
+    def logged(self, key):
+        return [step for step in self.history if any(k == key or k.startswith(key + "/") for k in step)]
+
+    def table(self, step: dict, key: str) -> dict:
+        return json.loads((self.folder / "files" / step[f"{key}/path"]).read_text())
+
+    def history_keys(self) -> set:
+        """The keys of the history rows as W&B shows them (a table's or image's nested fields are its own)."""
+        return {i.nested_key[0] if i.nested_key else i.key for r in self.records
+                if r.WhichOneof("record_type") == "history" for i in r.history.item}
+
+    def definitions(self, key: str) -> list:
+        """The metric definitions that match ``key``: by name, or a glob ``PREFIX*`` by prefix (W&B's rule)."""
+        found = []
+        for m in self.metrics:
+            if m.glob_name:
+                if key.startswith(m.glob_name.rstrip("*")):
+                    found.append((m.glob_name, m.step_metric))
+            elif m.name.replace("\\.", ".") == key:
+                found.append((m.name, m.step_metric))
+        return found
+
+
+def wandb_runs(folder) -> list:
+    """The offline runs under ``folder``/wandb, oldest first."""
+    return [WandbRun(path) for path in sorted(Path(folder).glob("wandb/offline-run-*"))]
+
+
+def md5_b64(path) -> str:
+    """A file's digest as W&B's artifact manifests write it (base64 of the MD5)."""
+    return base64.b64encode(hashlib.md5(Path(path).read_bytes()).digest()).decode()

@@ -34,17 +34,19 @@ def test_logs_certified_accuracy_with_a_csv_logger(tmp_path):
     logged = [r for r in rows if r.get("monitor/acr")]
     assert len(logged) == 2, "one certification per epoch (every_n_epochs=1)"
     assert [float(r["epoch"]) for r in logged] == [0, 1]
+    assert all(r.get("val/noisy_acc") for r in logged), "the Callback's scalars are in the validation row"
     assert not any(k.startswith("certify/") for k in rows[0]), "monitoring keys are not the reported certify/ keys"
     last = {k: float(v) for k, v in logged[-1].items() if v and k.startswith("monitor/")}
-    curve = [last[f"monitor/acc@{r:g}"] for r in (0.0, 0.1, 0.2, 0.3)]
+    curve = [last[f"monitor/acc_R{r:g}".replace(".", "p")] for r in (0.0, 0.1, 0.2, 0.3)]
     assert all(a >= b for a, b in zip(curve, curve[1:])) and 0 <= curve[-1] <= curve[0] <= 1
     assert curve[0] > 0.5, "a trained smoothed classifier certifies most points at radius 0"
     assert last["monitor/num_points"] == 40 and 0 <= last["monitor/abstain_rate"] <= 1
     assert last["monitor/mean_sigma"] > 0 and last["monitor/acr"] > 0
     assert not any("class_" in k and "worst" not in k and "gap" not in k for k in last), "no per-class keys"
-    for r in (0.0, 0.1, 0.2, 0.3):  # fairness: the worst class is at most the mean, the gap within [0, 1]
-        assert 0 <= last[f"monitor/worst_class_acc@{r:g}"] <= last[f"monitor/acc@{r:g}"] + 1e-9
-        assert 0 <= last[f"monitor/class_gap@{r:g}"] <= 1
+    assert {k.rsplit("_R", 1)[1] for k in last if "_R" in k} == {"0", "0p1", "0p2", "0p3"}, "the report grid only"
+    for r in ("0", "0p1", "0p2", "0p3"):  # fairness: the worst class is at most the mean, the gap within [0, 1]
+        assert 0 <= last[f"monitor/worst_class_acc_R{r}"] <= last[f"monitor/acc_R{r}"] + 1e-9
+        assert 0 <= last[f"monitor/class_gap_R{r}"] <= 1
     # the curve as a PNG inside the run directory
     pngs = list((tmp_path).rglob("certified_accuracy_epoch*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
@@ -61,11 +63,12 @@ def test_wandb_offline_run_holds_the_certified_accuracy_table(tmp_path, monkeypa
     tables = sorted(runs[0].rglob("curve_table_*.table.json"), key=lambda p: int(p.name.split("_")[2]))
     assert len(tables) == 2, "the certified-accuracy wandb.Table must be in the offline run, once per certification"
     table = json.loads(tables[-1].read_text())  # the last one holds every epoch's curve
-    assert table["columns"] == ["epoch", "radius", "certified_accuracy", "split", "n", "num_points"]
-    assert [row[0] for row in table["data"]] == [0] * 4 + [1] * 4
+    assert table["columns"] == ["epoch", "radius", "certified_accuracy", "split", "n", "num_points", "line"]
+    grid = sorted({0.0, 0.1, 0.2, 0.3} | {k * 0.125 for k in range(9)})  # the report grid in the curve's grid
+    assert [row[0] for row in table["data"]] == [0] * len(grid) + [1] * len(grid)
     for epoch in (0, 1):
         rows = [row for row in table["data"] if row[0] == epoch]
-        assert [row[1] for row in rows] == [0.0, 0.1, 0.2, 0.3] and {(r[3], r[4], r[5]) for r in rows} == {("val", 64, 40)}
+        assert [row[1] for row in rows] == grid and {(r[3], r[4], r[5]) for r in rows} == {("val", 64, 40)}
         accuracy = np.array([row[2] for row in rows])
         assert np.all((accuracy >= 0) & (accuracy <= 1)) and np.all(np.diff(accuracy) <= 0)
 

@@ -240,7 +240,7 @@ def test_certify_checks_compare_before_the_first_point(checkpoint, tmp_path, cap
                   f"--certify.compare {garbage} is not a certify.tsv of this version (header mismatch")
     fails_cleanly(capsys, ["certify", "--ckpt_path", str(checkpoint), *SMALL, "--certify.out", str(out),
                            "--certify.compare", str(tmp_path)],
-                  f"--certify.compare {tmp_path} is not a certify.tsv of this version (Is a directory)")
+                  f"--certify.compare {tmp_path} is not a certify.tsv of this version (the folder holds no certify.tsv)")
     assert not out.exists()
 
 
@@ -330,8 +330,7 @@ def test_wandb_online_problem_names_refused_keys_and_unreachable_servers(monkeyp
         assert wandb_online_problem().startswith("the W&B API key is not valid (API key must have 40+ characters")
         monkeypatch.delenv("WANDB_API_KEY")  # a well-formed key from .netrc (wandb's own reader), refused: HTTP 401
         netrc.write_text(f"machine 127.0.0.1:{server.server_port}\n  login user\n  password {'k' * 40}\n")
-        assert wandb_online_problem().startswith("the W&B server refused the API key (Failed to authenticate with "
-                                                 f"http://127.0.0.1:{server.server_port}")
+        assert wandb_online_problem().startswith("the W&B server refused the API key (")  # wandb's words vary
     finally:
         server.shutdown()
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")

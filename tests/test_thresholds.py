@@ -28,14 +28,15 @@ def test_custom_dimensions_and_bad_p_b(capsys):
 def test_top_level_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(f"  {command} " in out for command in ("fit", "validate", "test", "certify", "thresholds", "dashboard", "doctor"))
+    assert all(f"  {command} " in out for command in ("fit", "validate", "test", "certify", "predict", "table",
+                                                      "thresholds", "dashboard", "doctor"))
     assert main([]) == 2  # no command: usage on stderr, failure exit code
     assert "usage" in capsys.readouterr().err
     assert main(["fitt"]) == 2  # an unknown command lists them all
     err = capsys.readouterr().err
     assert "  certify " in err and "  thresholds " in err
     assert err.strip().splitlines()[-1] == ("error: unknown command 'fitt'; choose one of fit, validate, test, "
-                                            "certify, thresholds, dashboard, doctor")
+                                            "certify, predict, table, thresholds, dashboard, doctor")
 
 
 def test_plot_writes_the_papers_figures(tmp_path, capsys):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_idrs.reporting import ReportOptions, curve_from_tsv_columns, plot_curves, radius_grid, read_summary, write_summary
+from lightning_idrs.reporting import (ReportOptions, curve_from_tsv_columns, decision_grid, plot_curves, radius_grid,
+                                      read_summary, report_radii, write_summary)
 from lightning_idrs.statistics import certified_accuracy
 from lightning_idrs.tsv_log import SETTINGS_NAME, TSV_HEADER, TSV_NAME, CertifyLog, CertifyRow, format_row, read_tsv
 
@@ -395,7 +396,11 @@ def test_curve_from_tsv_and_automatic_grid(tmp_path):
     assert r.max() < auto[-1] <= r.max() + 1.0 and np.allclose(np.diff(auto), 0.5)
     assert curve_from_tsv_columns(columns, auto)[-1] == 0.0
     assert radius_grid(ReportOptions(radii_step=0.25, radii_max=1.0)).tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert radius_grid(ReportOptions(radii=[1.0, 0.5, 0.5])).tolist() == [0.5, 1.0]
+    assert report_radii(ReportOptions(radii=[1.0, 0.5, 0.5])).tolist() == [0.5, 1.0]  # the report grid
+    assert report_radii(ReportOptions(), default=(0.25, 0.0)).tolist() == [0.0, 0.25]  # else the data set's
+    grid = radius_grid(ReportOptions(radii_step=0.25, radii_max=1.0), report=[0.1, 0.5, 3.0])
+    assert grid.tolist() == [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 3.0], "the curve's grid holds the report grid"
+    assert decision_grid(ReportOptions(radii=[0.5, 0.25], radii_step=0.1)).tolist() == [0.25, 0.5]
     with pytest.raises(ValueError, match="radii_step must be a finite number > 0, got 0"):
         ReportOptions(radii_step=0)
     with pytest.raises(ValueError, match="over 10,000 points"):

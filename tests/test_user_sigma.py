@@ -56,7 +56,7 @@ def test_user_sigma_trains_with_the_callback_and_certifies_from_the_command_line
     assert type(cli.model.sigma).__name__ == "NormSigma" and cli.model.sigma.r == 0.3
     rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("monitor/acr")]
     assert len(rows) == 2 and float(rows[-1]["monitor/num_points"]) == 30
-    assert float(rows[-1]["monitor/acc@0"]) > 0.3  # the Callback certified with the user's sigma
+    assert float(rows[-1]["monitor/acc_R0"]) > 0.3  # the Callback certified with the user's sigma
     checkpoint = cli.trainer.checkpoint_callback.best_model_path
     loaded = load_checkpoint(checkpoint)
     assert type(loaded.model.sigma).__name__ == "NormSigma" and loaded.metadata["semi_elasticity"] == 0.3

@@ -1,7 +1,9 @@
-"""The commands: ``python -m lightning_idrs {fit,validate,test,certify,thresholds,doctor} ...``.
+"""The commands: ``python -m lightning_idrs {fit,validate,test,certify,predict,table,thresholds,dashboard,doctor} ...``.
 
 * ``fit`` / ``validate`` / ``test``: LightningCLI over the training module (:mod:`.fit`);
 * ``certify``: certify a checkpoint on a data split (:mod:`.certify`);
+* ``predict``: Cohen et al.'s PREDICT with abstention on a split or on files (:mod:`.predict`);
+* ``table``: a results table (Markdown or LaTeX) of certify folders (:mod:`.table`);
 * ``thresholds``: the curse-of-dimensionality table of sigma1/sigma0 (:mod:`.thresholds`);
 * ``dashboard``: a W&B workspace of the runs' panels (:mod:`.dashboard`).
 * ``doctor``: checks the installation, ``--gpu`` the GPU path (:mod:`.doctor`).
@@ -27,6 +29,8 @@ COMMANDS = {
     "validate": "evaluate a checkpoint on the validation set (LightningCLI)",
     "test": "evaluate a checkpoint on the test set (LightningCLI)",
     "certify": "certify a checkpoint: certified radius per point, summary, curve",
+    "predict": "the smoothed classifier's prediction (PREDICT, with abstention) on a split or on files",
+    "table": "a results table (Markdown or LaTeX, best in bold) of certify folders",
     "thresholds": "the curse-of-dimensionality thresholds of sigma1/sigma0 (Thm. 2.4)",
     "dashboard": "a W&B workspace (curves per run and epoch, class-wise, RS vs IDRS) for a project",
     "doctor": "check the installation (versions, faiss, kNN, certify); --gpu: the GPU path too",
@@ -134,6 +138,10 @@ def main(argv=None) -> int:
         from lightning_idrs.commands.thresholds import main as command_main
     elif command == "certify":
         from lightning_idrs.commands.certify import main as command_main
+    elif command == "predict":
+        from lightning_idrs.commands.predict import main as command_main
+    elif command == "table":
+        from lightning_idrs.commands.table import main as command_main
     elif command == "dashboard":
         from lightning_idrs.commands.dashboard import main as command_main
     elif command == "doctor":

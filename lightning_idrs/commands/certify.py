@@ -76,8 +76,9 @@ def build_parser():
     checkpoint.add_argument("--data.root", type=Optional[str], default=None, help="override only the data root.")
     parser.add_class_arguments(CertifyOptions, "certify", skip={*DISTRIBUTED, "radii"}, fail_untyped=True)
     parser.groups["certify"].add_argument(  # typed so that 0.25,0.5 parses as it always did
-        "--certify.radii", type=Optional[RadiusList], default=None, help="explicit radius grid, e.g. 0.25,0.5,0.75,1.0 "
-        "or [0.25, 0.5]; overrides radii_step / radii_max.")
+        "--certify.radii", type=Optional[RadiusList], default=None, help="the report grid, e.g. 0,0.25,0.5,0.75,1.0 or "
+        "[0.25, 0.5]: the scalars (acc_R0p25, ...), the radii printed and sequential's decision grid (default: the "
+        "data set's report_radii); the curve adds radii_step's grid.")
     distributed = parser.add_argument_group("distributed", "where the points are certified (Lightning Fabric); "
                                             "rows do not depend on it")
     hints, helps = _typed_fields(CertifyOptions), _field_help(CertifyOptions)

@@ -110,9 +110,11 @@ def writable_folder(path, option: str) -> Path:
 class IDRSCLI(LightningCLI):
     """LightningCLI that feeds data properties to the model and keeps all output in one folder."""
 
-    def __init__(self, *args, checkpoint_model=None, checkpoint=None, startup_messages=None, **kwargs):
+    def __init__(self, *args, checkpoint_model=None, checkpoint=None, checkpoint_path=None, startup_messages=None,
+                 **kwargs):
         self.checkpoint_model = checkpoint_model  # validate/test: the model of --ckpt_path
         self.checkpoint = checkpoint or {}  # ... and its checkpoint dict (W&B lineage)
+        self.checkpoint_path = checkpoint_path
         self.startup_messages = startup_messages  # released once the checks have passed
         super().__init__(*args, **kwargs)
 
@@ -163,14 +165,13 @@ class IDRSCLI(LightningCLI):
         init_args["save_dir"] = str(folder.resolve())  # W&B's service writes files too, from its own folder
         keep_run_files_under(folder)
         init_args["offline"] = wandb_offline(bool(init_args.get("offline")))
-        sigma = (self.checkpoint_model.hparams.sigma if self.checkpoint_model is not None
-                 else config.model.get("sigma"))
+        model = (dict(self.checkpoint_model.hparams) if self.checkpoint_model is not None
+                 else config.model.as_dict() if hasattr(config.model, "as_dict") else dict(config.model or {}))
         data_class = str(config.data.get("class_path", "") if config.get("data") else "")
         dataset = data_class.rsplit(".", 1)[-1].lower().replace("datamodule", "") or None
         logger["class_path"] = prepare_logger(
-            init_args, subcommand=self.subcommand, dataset=dataset,
-            sigma_class=sigma.get("class_path") if hasattr(sigma, "get") else None,
-            lineage=self.checkpoint.get(LINEAGE_KEY))
+            init_args, subcommand=self.subcommand, dataset=dataset, model=model, seed=config.get("seed_everything"),
+            lineage=self.checkpoint.get(LINEAGE_KEY), checkpoint_path=self.checkpoint_path)
 
     def instantiate_classes(self) -> None:
         try:
@@ -234,12 +235,13 @@ def _pop_option(argv: list, name: str):
 def cli_main(args=None) -> IDRSCLI:
     """Run LightningCLI on ``args`` (``[subcommand, options...]``) and return it."""
     args = list(args) if args is not None else sys.argv[1:]
-    checkpoint_model, checkpoint = None, None
+    checkpoint_model, checkpoint, ckpt_path, evaluated = None, None, None, None
     if args and args[0] in EVALUATE:
         options = args[1:]
         ckpt_path = _pop_option(options, "--ckpt_path")
         if ckpt_path:
-            checkpoint_model, checkpoint, _ = load_model(ckpt_path)
+            checkpoint_model, checkpoint, sha256 = load_model(ckpt_path)
+            evaluated = {"path": os.path.abspath(ckpt_path), "sha256": sha256, "checkpoint": checkpoint}  # W&B
             args = [args[0], "--data=" + json.dumps(datamodule_config(checkpoint)), *options]
     elif args and args[0] == "fit":
         resume = _pop_option(list(args), "--ckpt_path")
@@ -256,12 +258,13 @@ def cli_main(args=None) -> IDRSCLI:
             args=args,
             checkpoint_model=checkpoint_model,
             checkpoint=checkpoint,
+            checkpoint_path=ckpt_path,
             startup_messages=messages,
             save_config_callback=WandbConfigCallback,
             parser_kwargs={"prog": "python -m lightning_idrs", "exit_on_error": False,
                            **{name: {**subcommand_defaults, "exit_on_error": False}
                               for name in ("fit", "validate", "test", "predict")}},
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "evaluated": evaluated},
         )
 
 
